@@ -1,0 +1,35 @@
+"""Hypothesis profiles and the backend fixture every invariant test runs on."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from backends import available_backends
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=15, **_common)
+settings.register_profile("ci", max_examples=25, derandomize=True, print_blob=True, **_common)
+settings.register_profile("fuzz", max_examples=2000, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(scope="session", params=available_backends(), ids=lambda b: b.name)
+def backend(request):
+    """The reference and (when importable) the torch backend, behind one numpy-in/numpy-out face."""
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs CUDA (tier-2 parity); run on a GPU machine")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

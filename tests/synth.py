@@ -1,0 +1,23 @@
+"""Synthetic layers for tests: tie-free, well conditioned, LLM-like outlier features."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def outlier_layer(seed: int, d_out: int = 16, d_in: int = 32, n_tokens: int | None = None,
+                  outliers: int = 2, dead: int = 0, correlated: bool = True):
+    """(W, XtX, X): log-normal feature scales, a few features x20, correlated inputs.
+
+    `dead` input features are all zero (diag(XtX) = 0).
+    """
+    rng = np.random.default_rng(seed)
+    n_tokens = n_tokens or 4 * d_in
+    A = np.eye(d_in) + (rng.normal(size=(d_in, d_in)) / np.sqrt(d_in) if correlated else 0)
+    scales = np.exp(0.5 * rng.normal(size=d_in))
+    scales[rng.choice(d_in, min(outliers, d_in), replace=False)] *= 20
+    X = (rng.normal(size=(n_tokens, d_in)) @ A) * scales
+    if dead:
+        X[:, rng.choice(d_in, dead, replace=False)] = 0.0
+    W = rng.normal(size=(d_out, d_in))
+    return W, X.T @ X, X

@@ -1,0 +1,44 @@
+"""Packaging promises: the reference imports without torch; the gpu backend mirrors it."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+import admm_prune.reference as R
+
+
+def test_reference_imports_without_torch():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        "import admm_prune.reference as R\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "print(R.prune_layer.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "prune_layer"
+
+
+def _public_functions(module):
+    return {n: getattr(module, n) for n in module.__all__
+            if inspect.isfunction(getattr(module, n))}
+
+
+def test_gpu_mirrors_every_reference_function():
+    gpu = pytest.importorskip("admm_prune.gpu")
+    missing, mismatched = [], []
+    for name, ref_fn in _public_functions(R).items():
+        twin = getattr(gpu, name, None)
+        if twin is None:
+            missing.append(name)
+            continue
+        ref_params = list(inspect.signature(ref_fn).parameters)
+        twin_params = list(inspect.signature(twin).parameters)
+        if twin_params != ref_params:
+            mismatched.append(f"{name}: reference {ref_params} vs gpu {twin_params}")
+    assert not missing, f"admm_prune.gpu lacks twins of {missing}"
+    assert not mismatched, "\n".join(mismatched)
