@@ -15,6 +15,13 @@ settings.register_profile("ci", max_examples=25, derandomize=True, print_blob=Tr
 settings.register_profile("fuzz", max_examples=2000, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
+try:  # the test problems are tiny: one thread avoids oversubscription on small shared machines
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("ADMM_TEST_THREADS", "1")))
+except ImportError:
+    pass
+
 
 @pytest.fixture(scope="session", params=available_backends(), ids=lambda b: b.name)
 def backend(request):
@@ -31,5 +38,6 @@ def pytest_collection_modifyitems(config, items):
     if not has_cuda:
         skip = pytest.mark.skip(reason="needs CUDA (tier-2 parity); run on a GPU machine")
         for item in items:
-            if "gpu" in item.keywords:
+            # the marker, not the keyword: "gpu" is also the torch backend's parameter id
+            if item.get_closest_marker("gpu") is not None:
                 item.add_marker(skip)

@@ -1,0 +1,624 @@
+"""Prune a whole causal LM layer by layer: calibrate, prune every decoder block, evaluate, save.
+
+The plumbing half of the torch backend (the math lives in the other modules and takes
+tensors only). The model stays where it was loaded (CPU); one decoder block at a time is
+moved to the compute device, with the calibration activations of that block beside it:
+
+    peak device memory = one block (weights) + 2 x nsamples x seqlen x hidden activations
+                         + one d_in x d_in Gram and its factor + a few d_out x d_in buffers
+
+For LLaMA-7B in fp16 with 128 x 2048 calibration tokens: 0.4 GB block + 2 x 2.1 GB
+activations + 2 x 0.5 GB (down_proj Gram/factor, d_in = 11008, fp32) + ~1 GB buffers, about
+7 GB; LLaMA-2-70B (hidden 8192, d_in up to 28672): 1.7 GB block + 2 x 4.3 GB activations +
+2 x 3.3 GB Gram/factor + ~3 GB buffers, about 20 GB. `offload_activations=True` keeps
+the activations on the CPU and streams them, for smaller cards.
+
+Per block: (1) run the block on every calibration sample with forward hooks that accumulate
+one Gram per distinct input (q/k/v share one, gate/up share one: 4 Grams, not 7); (2) prune
+each group's linears with one factorization (`prune_shared`); (3) write the weights back;
+(4) run the pruned block again to make the next block's inputs. `true_sequential=True`
+instead collects each group's Gram after the groups before it in the block are pruned
+(4 forward passes per block instead of 2).
+
+The first block's inputs are captured with a ``forward_pre_hook(with_kwargs=True)`` that
+keeps every keyword argument (``position_embeddings``, masks, ...) and stops the forward
+with a private exception. No KV cache is ever passed along (``use_cache=False``): a cache
+reused across calibration samples makes each sample attend to the previous ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from . import models as models_mod
+from .prune import prune_shared
+from .solve import reconstruction_error
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class PipelineError(ValueError):
+    """A user-facing error of the pipeline (bad configuration, NaN in a block, ...)."""
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything a pruning run needs; the CLI only parses flags into this.
+
+    Defaults follow the paper: ADMM-Grad at 50 %, 128 calibration windows of 2048 tokens
+    from C4, WikiText-2 perplexity. ``seqlen`` is never taken from the model's
+    ``max_position_embeddings`` (131072 on Llama-3.x).
+    """
+
+    model: str | None = None  # hub id, local dir, or None / "smollm2" for the embedded default
+    method: str = "admm-grad"
+    sparsity: float | None = 0.5
+    pattern: str = "unstructured"
+    group: str = "row"
+    rho: float = 1.0
+    damp: float | None = None  # None: 0.1 for ADMM, 0.01 for SparseGPT
+    iters: int = 20
+    mask_steps: int = 15
+    calib: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    eval: str | None = "wikitext2"  # None: no perplexity
+    eval_split: str = "test"
+    eval_seqlen: int | None = None  # None: same as seqlen
+    eval_windows: int | None = None  # None: all windows
+    out: str | None = None
+    overwrite: bool = False
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: str = "float32"
+    true_sequential: bool = False
+    offload_activations: bool = False
+    num_blocks: int | None = None  # prune only the first K blocks (quick checks)
+    allow_tf32: bool = False
+    cache_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        from admm_prune.reference._checks import (
+            check_group, check_method, check_positive, parse_pattern, resolve_sparsity,
+        )
+
+        try:
+            check_method(self.method)
+            check_group(self.group)
+            nm = parse_pattern(self.pattern)
+            sparsity = resolve_sparsity(self.sparsity, nm, allow_none=False)
+            check_positive("rho", self.rho)
+            if self.damp is not None:
+                check_positive("damp", self.damp, allow_zero=True)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        object.__setattr__(self, "sparsity", sparsity)
+        for name in ("nsamples", "seqlen", "iters"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise PipelineError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("eval_seqlen", "eval_windows", "num_blocks"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise PipelineError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.mask_steps, int) or not 0 <= self.mask_steps <= self.iters:
+            raise PipelineError(f"mask_steps must be an integer in [0, iters={self.iters}], got {self.mask_steps!r}")
+        if self.dtype not in DTYPES:
+            raise PipelineError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def nm(self):
+        from admm_prune.reference import parse_pattern
+
+        return parse_pattern(self.pattern)
+
+
+@dataclass
+class LinearRecord:
+    """What happened to one linear layer (one row of the report)."""
+
+    block: int
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    error_mask_only: float  # relative error of W * M (the final mask, no weight update)
+    error_pruned: float  # relative error of the pruned weights
+    seconds: float
+
+
+@dataclass
+class PruneReport:
+    config: dict
+    versions: dict
+    calibration: dict = field(default_factory=dict)
+    linears: list = field(default_factory=list)
+    block_seconds: list = field(default_factory=list)
+    total_seconds: float = 0.0
+    prune_seconds: float = 0.0
+    peak_memory: dict = field(default_factory=dict)
+    perplexity: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        errs = [r["error_pruned"] for r in self.linears]
+        return {
+            "linears": len(self.linears),
+            "mean_sparsity": sum(r["sparsity"] for r in self.linears) / max(len(self.linears), 1),
+            "mean_layer_error": sum(errs) / max(len(errs), 1),
+            "perplexity": self.perplexity,
+            "prune_seconds": self.prune_seconds,
+        }
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to stop the model's forward after block 0's inputs."""
+
+
+def versions() -> dict:
+    import numpy
+    import scipy
+    import transformers
+
+    try:
+        from importlib.metadata import version
+
+        ours = version("admm-prune")
+    except Exception:  # not installed (e.g. run from a source tree)
+        ours = "source"
+    return {
+        "admm_prune": ours, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "numpy": numpy.__version__,
+        "scipy": scipy.__version__, "platform": platform.platform(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+    }
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise PipelineError(f"device {device!r} is not a valid torch device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"device {device!r} requested, but CUDA is not available")
+    return dev
+
+
+def _to(obj, device):
+    """Move tensors (also inside tuples/lists/dicts) to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_block_inputs(model, input_ids: torch.Tensor, device, store_device, progress=True):
+    """Run the model up to decoder block 0 for each row of `input_ids` (batch 1).
+
+    Returns (hidden states [n, seqlen, hidden] on `store_device`, the block's keyword
+    arguments on `device`). Only the modules before the blocks (embeddings, rotary) are
+    moved to `device`; the blocks stay where they are.
+    """
+    layers = model.model.layers
+    captured: dict = {}
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured["hidden"] = hidden
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    pre = [m for n, m in model.model.named_children() if n not in ("layers", "norm")]
+    homes = [(m, _module_device(m)) for m in pre]
+    for m, _ in homes:
+        m.to(device)
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    hiddens, kwargs = [], None
+    try:
+        for i in tqdm(range(input_ids.shape[0]), desc="capture inputs", disable=not progress, leave=False):
+            with contextlib.suppress(_StopForward):
+                model.model(input_ids=input_ids[i:i + 1].to(device), use_cache=False)
+            hiddens.append(captured["hidden"].to(store_device))
+            if kwargs is None:
+                kwargs = captured["kwargs"]
+    finally:
+        handle.remove()
+        for m, home in homes:
+            m.to(home)
+    # never carry a KV cache between samples
+    for k in ("past_key_value", "past_key_values", "cache"):
+        if k in kwargs:
+            kwargs[k] = None
+    kwargs["use_cache"] = False
+    return torch.cat(hiddens), _to(kwargs, device)
+
+
+def _module_device(module) -> torch.device:
+    p = next(module.parameters(), None)
+    if p is None:
+        b = next(module.buffers(), None)
+        return b.device if b is not None else torch.device("cpu")
+    return p.device
+
+
+@torch.no_grad()
+def run_block(block, hiddens: torch.Tensor, kwargs: dict, device, out: torch.Tensor | None = None):
+    """Apply one block to every sample (batch 1); results written into `out` (or a new tensor)."""
+    out = torch.empty_like(hiddens) if out is None else out
+    for i in range(hiddens.shape[0]):
+        out[i:i + 1] = _block_output(block(hiddens[i:i + 1].to(device), **kwargs)).to(out.device)
+    return out
+
+
+class GramCollector:
+    """Forward hooks accumulating XtX = sum x x^T (fp32) of the inputs of chosen linears."""
+
+    def __init__(self, block, names: list[str], device):
+        self.grams: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.handles = []
+        for name in names:
+            linear = block.get_submodule(name)
+            self.grams[name] = torch.zeros(linear.in_features, linear.in_features,
+                                           dtype=torch.float32, device=device)
+            self.tokens[name] = 0
+            self.handles.append(linear.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
+            self.grams[name].addmm_(x.T, x)
+            self.tokens[name] += x.shape[0]
+
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _check_finite(tensor: torch.Tensor, what: str):
+    if not bool(torch.isfinite(tensor).all()):
+        raise PipelineError(f"NaN/Inf in {what}; try --dtype float32 or a larger --damp")
+
+
+def _solver_kwargs(cfg: PruneConfig) -> dict:
+    return dict(method=cfg.method, pattern=cfg.pattern, group=cfg.group, rho=cfg.rho,
+                damp=cfg.damp, iters=cfg.iters, mask_steps=cfg.mask_steps,
+                track_objective=False, allow_tf32=cfg.allow_tf32)
+
+
+@torch.no_grad()
+def prune_group(block, block_idx: int, names: list[str], XtX: torch.Tensor, cfg: PruneConfig,
+                callback: Callable | None = None) -> list[LinearRecord]:
+    """Prune the linears of `names` (one shared input, one Gram) in place."""
+    linears = [block.get_submodule(n) for n in names]
+    for n, lin in zip(names, linears):
+        _check_finite(lin.weight, f"block {block_idx} {n} weights")
+    _check_finite(XtX, f"block {block_idx} inputs of {names[0]} (Gram matrix)")
+    t0 = time.perf_counter()
+    dense = [lin.weight.detach().clone() for lin in linears]
+    results = prune_shared(dense, XtX, cfg.sparsity, **_solver_kwargs(cfg))
+    seconds = (time.perf_counter() - t0) / len(names)
+    records = []
+    for n, lin, W, res in zip(names, linears, dense, results):
+        _check_finite(res.W, f"block {block_idx} {n} pruned weights")
+        lin.weight.copy_(res.W.to(lin.weight.dtype))
+        Wf = W.to(torch.float32)
+        records.append(LinearRecord(
+            block=block_idx, name=n, shape=tuple(W.shape),
+            sparsity=float((lin.weight == 0).float().mean()),
+            error_mask_only=reconstruction_error(Wf, Wf * res.mask, XtX),
+            error_pruned=reconstruction_error(Wf, res.W.to(torch.float32), XtX),
+            seconds=seconds,
+        ))
+        if callback is not None:
+            callback(block_idx, n, W, XtX, res)
+    return records
+
+
+def _check_model_fits(model, cfg: PruneConfig):
+    limit = models_mod.max_sequence_length(model)
+    for name, value in (("seqlen", cfg.seqlen), ("eval_seqlen", cfg.eval_seqlen)):
+        if value is not None and limit is not None and value > limit:
+            raise PipelineError(f"--{name.replace('_', '-')} {value} exceeds the model's limit of {limit} positions")
+    if cfg.nm is not None:
+        m = cfg.nm[1]
+        for i, block in enumerate(model.model.layers):
+            for names in models_mod.linear_groups(block).values():
+                for n in names:
+                    d_in = block.get_submodule(n).in_features
+                    if d_in % m:
+                        raise PipelineError(
+                            f"pattern {cfg.pattern} needs input sizes divisible by {m}, but "
+                            f"block {i} {n} has {d_in} inputs")
+
+
+def prune_model(model, calib_ids: torch.Tensor, cfg: PruneConfig,
+                callback: Callable | None = None) -> tuple[list[LinearRecord], list[float]]:
+    """Prune `model`'s decoder blocks in place, layer by layer.
+
+    Returns one record per linear and the seconds each block took.
+
+    `callback(block_idx, name, W_dense, XtX, result)` is called after each linear (for
+    inspection and tests). The model may live on the CPU: each block visits the device.
+    """
+    device = resolve_device(cfg.device)
+    store = torch.device("cpu") if cfg.offload_activations else device
+    _check_model_fits(model, cfg)
+    layers = model.model.layers
+    nblocks = len(layers) if cfg.num_blocks is None else min(cfg.num_blocks, len(layers))
+    inps, kwargs = capture_block_inputs(model, calib_ids, device, store, cfg.progress)
+    outs = torch.empty_like(inps)
+    records: list[LinearRecord] = []
+    block_seconds: list[float] = []
+    bar = tqdm(range(nblocks), desc=f"prune {cfg.method}", disable=not cfg.progress)
+    for i in bar:
+        t0 = time.perf_counter()
+        block = layers[i]
+        home = _module_device(block)
+        block.to(device)
+        groups = list(models_mod.linear_groups(block).values())
+        stages = [[g] for g in groups] if cfg.true_sequential else [groups]
+        for stage in stages:
+            collector = GramCollector(block, [g[0] for g in stage], device)
+            try:
+                run_block(block, inps, kwargs, device, outs)
+            finally:
+                collector.remove()
+            for g in stage:
+                records += prune_group(block, i, g, collector.grams[g[0]], cfg, callback)
+            del collector
+        run_block(block, inps, kwargs, device, outs)
+        _check_finite(outs, f"block {i} outputs after pruning")
+        block.to(home)
+        inps, outs = outs, inps
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        block_seconds.append(time.perf_counter() - t0)
+        errs = [r.error_pruned for r in records if r.block == i]
+        err = sum(errs) / len(errs)
+        bar.set_postfix(err=f"{err:.4f}", s=f"{block_seconds[-1]:.1f}")
+        log.info("block %d: %.1f s, mean layer error %.5f", i, block_seconds[-1], err)
+    return records, block_seconds
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, device=None, offload_activations: bool = False,
+               progress: bool = True, desc: str = "perplexity") -> float:
+    """exp(mean token NLL) over non-overlapping windows, one block at a time on the device.
+
+    The standard protocol (GPTQ/SparseGPT/Wanda): each window's loss is the mean
+    cross-entropy of its seqlen - 1 next-token predictions; ppl = exp(mean window loss).
+    Runs block by block like the pruning, so a model larger than the device still works.
+    """
+    device = resolve_device(device)
+    store = torch.device("cpu") if offload_activations else device
+    hid, kwargs = capture_block_inputs(model, windows, device, store, progress)
+    buf = torch.empty_like(hid)
+    for block in tqdm(model.model.layers, desc=desc, disable=not progress, leave=False):
+        home = _module_device(block)
+        block.to(device)
+        run_block(block, hid, kwargs, device, buf)
+        block.to(home)
+        hid, buf = buf, hid
+    head = [model.model.norm, model.lm_head]
+    homes = [(m, _module_device(m)) for m in head]
+    for m, _ in homes:
+        m.to(device)
+    losses = []
+    try:
+        for i in range(hid.shape[0]):
+            logits = model.lm_head(model.model.norm(hid[i:i + 1].to(device))).float()
+            target = windows[i:i + 1, 1:].to(device)
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                    target.reshape(-1))
+            losses.append(float(nll))
+    finally:
+        for m, home in homes:
+            m.to(home)
+    value = math.exp(sum(losses) / len(losses))
+    if not math.isfinite(value):
+        raise PipelineError(f"{desc} is not finite ({value}); the model produces NaN/Inf")
+    return value
+
+
+@contextlib.contextmanager
+def _naming(flag: str, source: str):
+    """Prefix a data error with the flag and source it concerns."""
+    try:
+        yield
+    except data_mod.DataError as e:
+        if str(source) in str(e):
+            raise
+        raise data_mod.DataError(f"{flag} {source}: {e}") from None
+
+
+def _eval_args(cfg) -> tuple:
+    return cfg.device, cfg.offload_activations, cfg.progress
+
+
+def load_eval_windows(source: str, split: str, tokenizer, seqlen: int, max_windows: int | None):
+    """Perplexity windows of `source` (rows joined with "\n\n"), at most `max_windows`."""
+    texts = data_mod.load_texts(source, split=split)
+    windows = data_mod.tokenize_for_perplexity(data_mod.perplexity_text(texts), tokenizer, seqlen)
+    return windows if max_windows is None else windows[:max_windows]
+
+
+def peak_memory(device: torch.device) -> dict:
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mem = {"host_max_rss_gib": rss_kb / 2**20}
+    if device.type == "cuda":
+        mem["device_max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return mem
+
+
+def _prepare_out(cfg: PruneConfig) -> Path | None:
+    if cfg.out is None:
+        return None
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise PipelineError(f"--out {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--out {out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save_pruned(model, tokenizer, report: PruneReport, out: Path, overwrite: bool) -> None:
+    """Write checkpoint + tokenizer + report.json to a temporary sibling, then rename it in."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
+        if out.exists():
+            if not overwrite:
+                raise PipelineError(f"--out {out} appeared while pruning; not replacing it")
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable | None = None) -> PruneReport:
+    """The main job: load, calibrate, evaluate dense, prune, evaluate pruned, save.
+
+    `model`/`tokenizer` may be passed in (already loaded) instead of `cfg.model`.
+    """
+    t_start = time.perf_counter()
+    out = _prepare_out(cfg)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if model is None:
+        model, tokenizer, info = models_mod.load_model(cfg.model, dtype=DTYPES[cfg.dtype], cache_dir=cfg.cache_dir)
+    model.eval()
+    _check_model_fits(model, cfg)
+    report = PruneReport(config=asdict(cfg), versions=versions())
+
+    with _naming("--calib", cfg.calib):
+        texts = data_mod.load_texts(cfg.calib, split="train")
+        calib_ids, calib_info = data_mod.sample_calibration(texts, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+    report.calibration = calib_info
+    log.info("calibration: %s", calib_info)
+
+    windows = None
+    if cfg.eval is not None:
+        with _naming("--eval", cfg.eval):
+            windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer,
+                                        cfg.eval_seqlen or cfg.seqlen, cfg.eval_windows)
+        report.perplexity["windows"] = int(windows.shape[0])
+        report.perplexity["seqlen"] = int(windows.shape[1])
+        report.perplexity["dense"] = perplexity(model, windows, *_eval_args(cfg), desc="dense perplexity")
+        log.info("dense perplexity: %.3f", report.perplexity["dense"])
+
+    t0 = time.perf_counter()
+    records, report.block_seconds = prune_model(model, calib_ids, cfg, callback)
+    report.prune_seconds = time.perf_counter() - t0
+    report.linears = [asdict(r) for r in records]
+
+    if windows is not None:
+        report.perplexity["pruned"] = perplexity(model, windows, *_eval_args(cfg), desc="pruned perplexity")
+        log.info("pruned perplexity: %.3f", report.perplexity["pruned"])
+    report.peak_memory = peak_memory(device)
+    report.total_seconds = time.perf_counter() - t_start
+    if out is not None:
+        save_pruned(model, tokenizer, report, out, cfg.overwrite)
+        log.info("saved to %s", out)
+    return report
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluate a (saved or hub) model: perplexity on `eval`, zero-shot accuracy on `tasks`."""
+
+    model: str | None = None
+    eval: str | None = "wikitext2"  # None: no perplexity
+    tasks: tuple[str, ...] = ()  # zero-shot tasks through lm-eval (see zeroshot.TASKS)
+    task_data: str | None = None  # folder with the task files (zeroshot module docstring)
+    limit: int | None = None  # at most this many documents per task
+    batch_size: int = 1
+    eval_split: str = "test"
+    seqlen: int = 2048
+    eval_windows: int | None = None
+    device: str | None = None
+    dtype: str = "float32"
+    offload_activations: bool = False
+    cache_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.seqlen, int) or self.seqlen < 2:
+            raise PipelineError(f"seqlen must be an integer >= 2, got {self.seqlen!r}")
+        if self.eval_windows is not None and (not isinstance(self.eval_windows, int) or self.eval_windows < 1):
+            raise PipelineError(f"eval_windows must be a positive integer, got {self.eval_windows!r}")
+        if self.dtype not in DTYPES:
+            raise PipelineError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.tasks and self.task_data is None:
+            raise PipelineError("--tasks needs --task-data, the folder holding the task files")
+        if self.eval is None and not self.tasks:
+            raise PipelineError("nothing to evaluate: give --eval or --tasks")
+
+
+def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
+    """Perplexity and zero-shot accuracy of a model, with the sparsity it actually has."""
+    if model is None:
+        model, tokenizer, _ = models_mod.load_model(cfg.model, dtype=DTYPES[cfg.dtype], cache_dir=cfg.cache_dir)
+    model.eval()
+    zeros = total = 0
+    for block in model.model.layers:
+        for names in models_mod.linear_groups(block).values():
+            for n in names:
+                w = block.get_submodule(n).weight
+                zeros += int((w == 0).sum())
+                total += w.numel()
+    result = {"model": cfg.model, "linear_sparsity": zeros / max(total, 1)}
+    if cfg.eval is not None:
+        limit = models_mod.max_sequence_length(model)
+        if limit is not None and cfg.seqlen > limit:
+            raise PipelineError(f"--seqlen {cfg.seqlen} exceeds the model's limit of {limit} positions")
+        with _naming("--eval", cfg.eval):
+            windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.seqlen, cfg.eval_windows)
+        result.update(eval=cfg.eval, windows=int(windows.shape[0]), seqlen=cfg.seqlen,
+                      perplexity=perplexity(model, windows, cfg.device, cfg.offload_activations, cfg.progress))
+    if cfg.tasks:
+        from .zeroshot import run_zeroshot
+
+        result["zeroshot"] = run_zeroshot(model, tokenizer, list(cfg.tasks), cfg.task_data, limit=cfg.limit,
+                                          batch_size=cfg.batch_size, device=cfg.device)
+    return result
