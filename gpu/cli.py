@@ -95,6 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task-data", default=None, help="folder with the task files (e.g. ../shared/data)")
     e.add_argument("--limit", type=_optional_int, default=None, help="at most this many documents per task")
     e.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
+
+    b = sub.add_parser("bench", help="every method x setting on one model, peers side by side",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common(b)
+    b.add_argument("--methods", type=_task_list, default=("wanda", "sparsegpt", "admm", "admm-grad"))
+    b.add_argument("--settings", type=_task_list, default=("0.5", "0.6", "0.7", "0.8", "2:4"),
+                   help="comma-separated sparsities and N:M patterns")
+    b.add_argument("--peers", type=_task_list, default=("llmcompressor",),
+                   help="peer implementations run on the same windows when installed ('' for none)")
+    b.add_argument("--calib", default="c4")
+    b.add_argument("--nsamples", type=int, default=64)
+    b.add_argument("--seqlen", type=int, default=512)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--eval", default="wikitext2")
+    b.add_argument("--eval-split", default="validation")
+    b.add_argument("--eval-seqlen", type=int, default=2048)
+    b.add_argument("--eval-windows", type=_optional_int, default=None)
+    b.add_argument("--group", default="row", choices=["row", "layer"])
+    b.add_argument("--iters", type=int, default=20)
+    b.add_argument("--mask-steps", type=int, default=15)
+    b.add_argument("--out", default=None, help="path prefix: writes OUT.md and OUT.json")
     return parser
 
 
@@ -118,10 +139,18 @@ def main(argv: list[str] | None = None) -> int:
 
     command = vars(args).pop("command")
     vars(args).pop("verbose")
+    if command == "bench":
+        vars(args).pop("offload_activations")
     try:
         if command == "prune":
             report = pipeline.run_prune(pipeline.PruneConfig(**vars(args)))
             result = report.summary()
+        elif command == "bench":
+            from . import bench
+
+            result = bench.run_bench(bench.BenchConfig(**vars(args)))
+            print(result["markdown"])
+            return 0
         else:
             result = pipeline.run_eval(pipeline.EvalConfig(**vars(args)))
     except _user_errors() as e:

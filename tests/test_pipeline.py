@@ -311,3 +311,25 @@ def test_cli_eval_zero_shot_offline(tiny_dir, capsys):
     code, _, err = _cli(["eval", "--model", str(tiny_dir), "--eval", "none", "--tasks", "nope",
                          "--task-data", str(SHARED)], capsys)
     assert code == cli.EXIT_USER_ERROR and "nope" in err
+
+
+def test_bench_runs_every_method_on_shared_windows(corpus, tmp_path):
+    from admm_prune.gpu import bench
+
+    model, tok = models.tiny_model("llama")
+    cfg = bench.BenchConfig(calib=str(corpus / "calib.jsonl"), eval=str(corpus / "eval.txt"), nsamples=4,
+                            seqlen=32, eval_seqlen=64, eval_windows=4, settings=("0.6", "2:4"), peers=(),
+                            iters=5, mask_steps=3, device="cpu", progress=False, out=str(tmp_path / "b"))
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    res = bench.run_bench(cfg, model=model, tokenizer=tok)
+    assert len(res["runs"]) == 2 * 4
+    # floor(0.6 * 64) / 64 = 0.59375 per row
+    assert all(r["linear_sparsity"] == pytest.approx(0.59375 if r["setting"] == "0.6" else 0.5) for r in res["runs"])
+    errs = {(r["setting"], r["method"]): r["mean_layer_error"] for r in res["runs"]}
+    for s in ("0.6", "2:4"):
+        assert errs[(s, "admm")] < errs[(s, "wanda")]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in dense.items()), "dense weights restored"
+    assert (tmp_path / "b.md").read_text() == res["markdown"]
+    assert json.loads((tmp_path / "b.json").read_text())["dense_perplexity"] == pytest.approx(res["dense_perplexity"])
+    with pytest.raises(pipeline.PipelineError, match="settings"):
+        bench.BenchConfig(settings=("1.2",))

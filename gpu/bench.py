@@ -1,0 +1,286 @@
+"""Side-by-side benchmark: every method at every sparsity on one model, and the peers in the same run.
+
+One model, one calibration set (windows drawn once, reused by every run so the differences
+are the methods'), one evaluation set. For each setting (50/60/70/80 % unstructured, 2:4 by
+default) and each method: restore the dense weights, prune, time it, measure peak memory,
+mean layer reconstruction error, perplexity. Peers run on the same windows when installed:
+``llmcompressor`` (vllm-project/llm-compressor's ``oneshot`` with ``SparseGPTModifier`` and
+``WandaPruningModifier``, the same seven linears per block targeted). Our numbers are also
+reported as ratios to llm-compressor's SparseGPT at the same setting.
+
+Peak memory is the device's ``max_memory_allocated`` on CUDA; on the CPU it is the peak
+resident set size above the level before the run, sampled every 20 ms (approximate).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from admm_prune.reference import METHODS, parse_pattern
+
+from . import data as data_mod
+from . import models as models_mod
+from .pipeline import (
+    DTYPES, PipelineError, PruneConfig, load_eval_windows, perplexity, prune_model, resolve_device, versions,
+)
+
+log = logging.getLogger(__name__)
+
+PEERS = ("llmcompressor",)
+PEER_METHODS = ("sparsegpt", "wanda")
+# llm-compressor targets: the same seven linears per block as ours, lm_head excluded
+PEER_TARGETS = [r"re:.*self_attn\.(q|k|v|o)_proj$", r"re:.*mlp\.(gate|up|down)_proj$"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str | None = None
+    methods: tuple[str, ...] = ("wanda", "sparsegpt", "admm", "admm-grad")
+    settings: tuple[str, ...] = ("0.5", "0.6", "0.7", "0.8", "2:4")
+    peers: tuple[str, ...] = PEERS
+    calib: str = "c4"
+    nsamples: int = 64
+    seqlen: int = 512
+    seed: int = 0
+    eval: str = "wikitext2"
+    eval_split: str = "validation"
+    eval_seqlen: int = 2048
+    eval_windows: int | None = None
+    group: str = "row"
+    iters: int = 20
+    mask_steps: int = 15
+    device: str | None = None
+    dtype: str = "float32"
+    out: str | None = None  # path prefix: writes OUT.md and OUT.json
+    cache_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        for m in self.methods:
+            if m not in METHODS:
+                raise PipelineError(f"--methods: unknown method {m!r}; choose from {METHODS}")
+        for p in self.peers:
+            if p not in PEERS:
+                raise PipelineError(f"--peers: unknown peer {p!r}; choose from {PEERS}")
+        for s in self.settings:
+            _setting(s)
+        if self.dtype not in DTYPES:
+            raise PipelineError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+def _setting(text: str) -> tuple[float | None, str]:
+    """'0.5' -> (0.5, 'unstructured'); '2:4' -> (None, '2:4')."""
+    try:
+        if ":" in text:
+            parse_pattern(text)
+            return None, text
+        value = float(text)
+    except ValueError:
+        raise PipelineError(f"--settings: {text!r} is neither a sparsity in [0, 1) nor an N:M pattern") from None
+    if not 0 <= value < 1:
+        raise PipelineError(f"--settings: sparsity {value} is outside [0, 1)")
+    return value, "unstructured"
+
+
+class _PeakMemory:
+    """Peak device memory (CUDA) or peak RSS growth (CPU, sampled) during a `with` block, in GiB."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.gib = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._base = self._peak = _rss()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.02):
+            self._peak = max(self._peak, _rss())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, _rss())
+            self.gib = (self._peak - self._base) / 2**30
+        return False
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def peer_available(peer: str) -> str | None:
+    """None if `peer` can run here, else why not."""
+    try:
+        import llmcompressor  # noqa: F401
+    except ImportError as e:
+        return f"not installed ({e}); pip install llmcompressor (needs its own transformers pin)"
+    return None
+
+
+def _llmcompressor_prune(model, tokenizer, calib_ids: torch.Tensor, method: str, sparsity, pattern: str):
+    import datasets
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+    nm = parse_pattern(pattern)
+    n, seqlen = calib_ids.shape
+    ds = datasets.Dataset.from_dict({"input_ids": calib_ids.tolist(), "attention_mask": [[1] * seqlen] * n})
+    modifier = (SparseGPTModifier if method == "sparsegpt" else WandaPruningModifier)(
+        sparsity=sparsity if nm is None else 1 - nm[0] / nm[1],
+        mask_structure="0:0" if nm is None else pattern, targets=PEER_TARGETS)
+    oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=[modifier], num_calibration_samples=n,
+            max_seq_length=seqlen,
+            shuffle_calibration_samples=False)
+
+
+def _linear_sparsity(model) -> float:
+    zeros = total = 0
+    for block in model.model.layers:
+        for names in models_mod.linear_groups(block).values():
+            for name in names:
+                w = block.get_submodule(name).weight
+                zeros += int((w == 0).sum())
+                total += w.numel()
+    return zeros / max(total, 1)
+
+
+def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
+    device = resolve_device(cfg.device)
+    if model is None:
+        model, tokenizer, _ = models_mod.load_model(cfg.model, dtype=DTYPES[cfg.dtype], cache_dir=cfg.cache_dir)
+    model.eval()
+    limit = models_mod.max_sequence_length(model)
+    for flag, value in (("--seqlen", cfg.seqlen), ("--eval-seqlen", cfg.eval_seqlen)):
+        if limit is not None and value > limit:
+            raise PipelineError(f"{flag} {value} exceeds the model's limit of {limit} positions")
+    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    texts = data_mod.load_texts(cfg.calib, split="train")
+    calib_ids, calib_info = data_mod.sample_calibration(texts, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+    windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.eval_seqlen, cfg.eval_windows)
+    eval_kw = dict(device=cfg.device, progress=cfg.progress)
+    result = {"config": asdict(cfg), "versions": versions(), "device": str(device),
+              "model": cfg.model or getattr(model.config, "name_or_path", None) or "smollm2",
+              "calibration": calib_info, "eval_windows": int(windows.shape[0]), "runs": [], "skipped": {}}
+    t0 = time.perf_counter()
+    result["dense_perplexity"] = perplexity(model, windows, desc="dense", **eval_kw)
+    result["eval_seconds"] = time.perf_counter() - t0
+    log.info("dense perplexity %.3f (%.0f s per evaluation)", result["dense_perplexity"], result["eval_seconds"])
+
+    peers = []
+    for peer in cfg.peers:
+        why = peer_available(peer)
+        if why is None:
+            peers.append(peer)
+            result["versions"][peer] = __import__(peer).__version__
+        else:
+            log.warning("skipping peer %s: %s", peer, why)
+            result["skipped"][peer] = why
+    jobs = [(s, "admm-prune", m) for s in cfg.settings for m in cfg.methods]
+    jobs += [(s, p, m) for s in cfg.settings for p in peers for m in PEER_METHODS]
+    for setting, impl, method in tqdm(jobs, desc="bench", disable=not cfg.progress):
+        sparsity, pattern = _setting(setting)
+        model.load_state_dict(dense_state)
+        errors = []
+        with _PeakMemory(device) as mem:
+            start = time.perf_counter()
+            if impl == "admm-prune":
+                pcfg = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, group=cfg.group,
+                                   iters=cfg.iters, mask_steps=cfg.mask_steps, device=cfg.device,
+                                   nsamples=cfg.nsamples, seqlen=cfg.seqlen,
+                                   dtype=cfg.dtype, eval=None, progress=False)
+                records, _ = prune_model(model, calib_ids, pcfg)
+                errors = [r.error_pruned for r in records]
+            else:
+                _llmcompressor_prune(model, tokenizer, calib_ids, method, sparsity, pattern)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+        run = {"setting": setting, "impl": impl, "method": method, "prune_seconds": seconds,
+               "peak_memory_gib": mem.gib, "linear_sparsity": _linear_sparsity(model),
+               "mean_layer_error": sum(errors) / len(errors) if errors else None,
+               "perplexity": perplexity(model, windows, desc=f"{impl} {method} {setting}", **eval_kw)}
+        log.info("%s", run)
+        result["runs"].append(run)
+    model.load_state_dict(dense_state)
+    result["ratios"] = _ratios(result["runs"])
+    result["markdown"] = format_markdown(result)
+    if cfg.out is not None:
+        _write_atomic(Path(cfg.out).with_suffix(".json"), json.dumps(result, indent=2, default=str))
+        _write_atomic(Path(cfg.out).with_suffix(".md"), result["markdown"])
+    return result
+
+
+def _ratios(runs: list[dict]) -> list[dict]:
+    """Our runs against llm-compressor SparseGPT at the same setting (perplexity, time)."""
+    peer = {r["setting"]: r for r in runs if r["impl"] == "llmcompressor" and r["method"] == "sparsegpt"}
+    out = []
+    for r in runs:
+        p = peer.get(r["setting"])
+        if r["impl"] == "admm-prune" and p is not None:
+            out.append({"setting": r["setting"], "method": r["method"],
+                        "perplexity_ratio": r["perplexity"] / p["perplexity"],
+                        "time_ratio": r["prune_seconds"] / p["prune_seconds"]})
+    return out
+
+
+def format_markdown(result: dict) -> str:
+    c = result["config"]
+    lines = [
+        f"Model `{result['model']}` ({c['dtype']}) on {result['device']}; calibration "
+        f"{result['calibration'].get('nsamples')} x {c['seqlen']} tokens from `{c['calib']}` "
+        f"(seed {c['seed']}, {result['calibration'].get('mode')}); perplexity on "
+        f"{result['eval_windows']} windows of {c['eval_seqlen']} tokens of `{c['eval']}`. "
+        f"Dense perplexity **{result['dense_perplexity']:.3f}**.",
+        "",
+        "| setting | implementation | method | perplexity | ppl / llmc-SparseGPT | prune time (s) "
+        "| time / llmc-SparseGPT | peak mem (GiB) | mean layer error | sparsity |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ratios = {(r["setting"], r["method"]): r for r in result["ratios"]}
+
+    def fmt(value, spec):
+        return "—" if value is None else format(value, spec)
+
+    for r in result["runs"]:
+        q = ratios.get((r["setting"], r["method"]), {}) if r["impl"] == "admm-prune" else {}
+        lines.append(
+            f"| {r['setting']} | {r['impl']} | {r['method']} | {r['perplexity']:.3f} | "
+            f"{fmt(q.get('perplexity_ratio'), '.3f')} | {r['prune_seconds']:.1f} | "
+            f"{fmt(q.get('time_ratio'), '.2f')} | {fmt(r['peak_memory_gib'], '.2f')} | "
+            f"{fmt(r['mean_layer_error'], '.4f')} | {r['linear_sparsity']:.4f} |")
+    for peer, why in result["skipped"].items():
+        lines.append(f"\n{peer} skipped: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
