@@ -7,11 +7,12 @@ moved to the compute device, with the calibration activations of that block besi
     peak device memory = one block (weights) + 2 x nsamples x seqlen x hidden activations
                          + one d_in x d_in Gram and its factor + a few d_out x d_in buffers
 
-For LLaMA-7B in fp16 with 128 x 2048 calibration tokens: 0.4 GB block + 2 x 2.1 GB
-activations + 2 x 0.5 GB (down_proj Gram/factor, d_in = 11008, fp32) + ~1 GB buffers, about
-7 GB; LLaMA-2-70B (hidden 8192, d_in up to 28672): 1.7 GB block + 2 x 4.3 GB activations +
-2 x 3.3 GB Gram/factor + ~3 GB buffers, about 20 GB. `offload_activations=True` keeps
-the activations on the CPU and streams them, for smaller cards.
+Measured on an H200 (paper_notes/pipeline_shapes_h200.md; fp16 model, 128 x 2048
+calibration tokens, activations on the device): LLaMA-7B blocks peak at 9.4 GiB for every
+method (2 x 2.1 GiB activations dominate), LLaMA-2-70B blocks at 21.6 GiB (Wanda), 26.1 GiB
+(SparseGPT) and 29.2 GiB (ADMM-Grad: the 28672 x 28672 fp32 Gram and inverse of down_proj,
+3.1 GiB each). It does not grow with depth. `offload_activations=True` keeps the
+activations on the CPU and streams them, for smaller cards.
 
 Per block: (1) run the block on every calibration sample with forward hooks that accumulate
 one Gram per distinct input (q/k/v share one, gate/up share one: 4 Grams, not 7); (2) prune

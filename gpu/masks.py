@@ -1,0 +1,134 @@
+"""Pruning scores and mask selection with exact counts, on the device.
+
+Same rules as the reference (`admm_prune.reference.masks`): a group of n weights at
+sparsity s loses k = floor(s * n) weights; among equal scores the lower index (row-major
+within the group) is pruned first, so masks equal the reference's whenever the scores do.
+
+`_prune_lowest` implements that rule two ways, chosen by the group length n, both exact:
+short groups (N:M, n <= 64) take a stable ``argsort`` + ``scatter_``; long groups (a row,
+or the whole matrix for ``group="layer"``) find the k-th smallest score with ``topk`` and
+prune everything below it plus the first tied entries by index. Measured on this
+project's 2-core CPU, float32 scores of shape (11008, 4096), k = n/2: rows 0.66 s
+(topk) vs 1.35 s (stable argsort + scatter); the whole matrix as one group 1.2 s vs
+5.6 s; groups of 4 or 8: 0.44 s (argsort) vs 0.73 s (topk). ADMM-Grad selects a mask 15
+times per layer, so on the CPU this is the difference between 10 and 20 s on that shape.
+On CUDA both are milliseconds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from admm_prune.reference._checks import check_divisible, check_fraction, check_group, parse_pattern
+from admm_prune.reference.schedule import prune_count
+
+from ._checks import as_tensor, check_gram, check_weights, compute_dtype
+
+#: groups up to this length use the stable sort, longer ones the topk threshold
+_SORT_MAX = 64
+
+
+def magnitude_scores(W: torch.Tensor) -> torch.Tensor:
+    """S_ij = |W_ij|."""
+    W = check_weights(W)
+    return torch.abs(W.to(compute_dtype(W)))
+
+
+def wanda_scores(W: torch.Tensor, XtX: torch.Tensor) -> torch.Tensor:
+    """S_ij = |W_ij| * ||X_j||, with ||X_j|| = sqrt((X^T X)_jj).
+
+    Parameters
+    ----------
+    W : (d_out, d_in) weights, ``nn.Linear`` layout.
+    XtX : (d_in, d_in) Gram matrix of the layer's inputs, on W's device.
+    """
+    W = check_weights(W)
+    XtX = check_gram(XtX, W.shape[1], W.device)
+    dtype = compute_dtype(W, XtX)
+    return torch.abs(W.to(dtype)) * torch.sqrt(XtX.diagonal().to(dtype))[None, :]
+
+
+def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask of a (rows, n) score tensor with the k lowest of each row set False.
+
+    Ties: the lower index is pruned first (the reference's stable argsort).
+    """
+    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    n = scores.shape[-1]
+    if k <= 0 or n == 0:
+        return keep
+    if n <= _SORT_MAX:
+        order = torch.argsort(scores, dim=-1, stable=True)[..., :k]
+        return keep.scatter_(-1, order, False)
+    # the k-th smallest score t of each row: prune all scores < t, then the first
+    # (k - #below) scores == t by index; exactly what a stable sort would prune
+    t = torch.topk(scores, k, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
+    below = scores < t
+    tied = scores == t
+    need = k - below.sum(dim=-1, keepdim=True, dtype=torch.int32)
+    prune = below | (tied & (torch.cumsum(tied, dim=-1, dtype=torch.int32) <= need))
+    return torch.logical_not(prune, out=keep)
+
+
+def _select_unstructured(scores: torch.Tensor, sparsity: float, group: str) -> torch.Tensor:
+    if group == "row":
+        return _prune_lowest(scores, prune_count(scores.shape[1], sparsity))
+    flat = scores.reshape(1, -1)
+    return _prune_lowest(flat, prune_count(flat.shape[1], sparsity)).reshape(scores.shape)
+
+
+def nm_protected(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """True for the n highest scores of every m consecutive inputs of a row."""
+    d_out, d_in = scores.shape
+    return _prune_lowest(scores.reshape(d_out * d_in // m, m), m - n).reshape(d_out, d_in)
+
+
+def _select(scores: torch.Tensor, sparsity: float | None, pattern: str, group: str) -> torch.Tensor:
+    """`select_mask` without the finiteness check (no host sync): for scores computed here."""
+    check_group(group)
+    nm = parse_pattern(pattern)
+    if nm is None:
+        if sparsity is None:
+            raise ValueError("sparsity is required for the unstructured pattern")
+        return _select_unstructured(scores, check_fraction("sparsity", sparsity), group)
+    check_divisible(scores.shape[1], nm)
+    n, m = nm
+    full = 1.0 - n / m
+    s = full if sparsity is None else check_fraction("sparsity", sparsity)
+    if s > full + 1e-9:
+        raise ValueError(f"sparsity={sparsity!r} exceeds what pattern {pattern} allows ({full:g})")
+    protected = nm_protected(scores, n, m)
+    if s >= full - 1e-9:
+        return protected
+    # gradual N:M: protected entries get +inf and are never among the pruned
+    return _select_unstructured(scores.masked_fill(protected, float("inf")), s, group)
+
+
+def select_mask(
+    scores: torch.Tensor,
+    sparsity: float | None,
+    pattern: str = "unstructured",
+    group: str = "row",
+) -> torch.Tensor:
+    """M = keep the highest scores: prune floor(s * n) lowest per group (True = kept).
+
+    unstructured: n is d_in per row (``group="row"``, Wanda) or d_out * d_in for the whole
+    matrix (``group="layer"``, the official ADMM code).
+
+    N:M: at most N nonzeros in every M consecutive inputs of a row; ``sparsity=None``
+    means exact N:M (s = 1 - N/M). A smaller s gives the gradual N:M mask of ADMM-Grad:
+    the N best of every group are always kept, the others are pruned by score (per row or
+    layer, as `group` says) up to s; at s = 1 - N/M that is exactly N:M.
+
+    Parameters
+    ----------
+    scores : (d_out, d_in) finite, higher = more important; fp16/bf16 are compared in fp32.
+
+    Returns a bool tensor on the scores' device.
+    """
+    scores = as_tensor(scores)
+    if scores.ndim != 2 or not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"scores must be a finite 2-D array, got shape {tuple(scores.shape)}")
+    if scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.to(torch.float32)
+    return _select(scores, sparsity, pattern, group)
