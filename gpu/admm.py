@@ -204,7 +204,7 @@ def admm_iterates(
     sparsity : target; for N:M the implied 1 - N/M (pass None).
     """
     p = check_problem(W, XtX, sparsity, pattern, group, mask)
-    check_solver(rho, damp, iters, mask_steps)
+    check_solver(rho, damp, iters, 0 if mask is not None else mask_steps)  # a given mask is never re-selected
     dtype = compute_dtype(p.W, p.XtX)
     W0, G, scale, live = precondition(p.W.to(dtype), p.XtX.to(dtype), damp)
     factor = factorize(G, rho)

@@ -75,7 +75,7 @@ def _prune_shared(
     for W in Ws:
         problems.append(check_problem(W, problems[0].XtX if problems else XtX, sparsity, pattern,
                                       group, mask, gram_checked=bool(problems)))
-    check_solver(rho, 0.0 if damp is None else damp, iters, mask_steps)
+    check_solver(rho, 0.0 if damp is None else damp, iters, 0 if mask is not None else mask_steps)
     if not problems:
         return []
     damp = DEFAULT_DAMP.get(method, 0.0) if damp is None else damp

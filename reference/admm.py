@@ -85,7 +85,12 @@ def precondition(W: np.ndarray, XtX: np.ndarray, damp: float) -> Preconditioned:
 
 
 def factorize(G: np.ndarray, rho: float):
-    """L L^T = G~ + rho I, once per layer (``scipy.linalg.cho_factor``)."""
+    """L L^T = G~ + rho I, once per layer (``scipy.linalg.cho_factor``).
+
+    The result is opaque: only this backend's `w_update` consumes it. (The torch twin's
+    `factorize` returns the explicit inverse built from the same Cholesky factor, so that
+    its `w_update` is one GEMM; the per-layer role is the same, the object is not.)
+    """
     return scipy.linalg.cho_factor(G + rho * np.eye(G.shape[0]), lower=True)
 
 
@@ -148,7 +153,7 @@ def admm_iterates(
     sparsity : target; for N:M the implied 1 - N/M (pass None).
     """
     p = check_problem(W, XtX, sparsity, pattern, group, mask)
-    check_solver(rho, damp, iters, mask_steps)
+    check_solver(rho, damp, iters, 0 if mask is not None else mask_steps)  # a given mask is never re-selected
     sparsity, mask = p.sparsity, p.mask
     W0, G, scale, live = precondition(np.asarray(p.W, np.float64), np.asarray(p.XtX, np.float64), damp)
     B = W0 @ G

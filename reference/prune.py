@@ -76,7 +76,7 @@ def prune_layer(
     """
     check_method(method)
     p = check_problem(W, XtX, sparsity, pattern, group, mask)
-    check_solver(rho, 0.0 if damp is None else damp, iters, mask_steps)
+    check_solver(rho, 0.0 if damp is None else damp, iters, 0 if mask is not None else mask_steps)
     damp = DEFAULT_DAMP.get(method, 0.0) if damp is None else damp
     W, XtX = np.asarray(p.W, np.float64), np.asarray(p.XtX, np.float64)
 
