@@ -48,6 +48,7 @@ class BenchConfig:
     methods: tuple[str, ...] = ("wanda", "sparsegpt", "admm", "admm-grad")
     settings: tuple[str, ...] = ("0.5", "0.6", "0.7", "0.8", "2:4")
     peers: tuple[str, ...] = PEERS
+    peer_methods: tuple[str, ...] = PEER_METHODS
     calib: str = "c4"
     nsamples: int = 64
     seqlen: int = 512
@@ -69,6 +70,9 @@ class BenchConfig:
         for m in self.methods:
             if m not in METHODS:
                 raise PipelineError(f"--methods: unknown method {m!r}; choose from {METHODS}")
+        for m in self.peer_methods:
+            if m not in PEER_METHODS:
+                raise PipelineError(f"--peer-methods: unknown method {m!r}; choose from {PEER_METHODS}")
         for p in self.peers:
             if p not in PEERS:
                 raise PipelineError(f"--peers: unknown peer {p!r}; choose from {PEERS}")
@@ -200,8 +204,8 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
         else:
             log.warning("skipping peer %s: %s", peer, why)
             result["skipped"][peer] = why
-    jobs = [(s, "admm-prune", m) for s in cfg.settings for m in cfg.methods]
-    jobs += [(s, p, m) for s in cfg.settings for p in peers for m in PEER_METHODS]
+    jobs = [job for s in cfg.settings for job in
+            [(s, "admm-prune", m) for m in cfg.methods] + [(s, p, m) for p in peers for m in cfg.peer_methods]]
     for setting, impl, method in tqdm(jobs, desc="bench", disable=not cfg.progress):
         sparsity, pattern = _setting(setting)
         model.load_state_dict(dense_state)
@@ -226,12 +230,17 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
                "perplexity": perplexity(model, windows, desc=f"{impl} {method} {setting}", **eval_kw)}
         log.info("%s", run)
         result["runs"].append(run)
+        _save(result, cfg.out)  # after every run: a long benchmark keeps what it measured
     model.load_state_dict(dense_state)
+    return _save(result, cfg.out)
+
+
+def _save(result: dict, out: str | None) -> dict:
     result["ratios"] = _ratios(result["runs"])
     result["markdown"] = format_markdown(result)
-    if cfg.out is not None:
-        _write_atomic(Path(cfg.out).with_suffix(".json"), json.dumps(result, indent=2, default=str))
-        _write_atomic(Path(cfg.out).with_suffix(".md"), result["markdown"])
+    if out is not None:
+        _write_atomic(Path(out).with_suffix(".json"), json.dumps(result, indent=2, default=str))
+        _write_atomic(Path(out).with_suffix(".md"), result["markdown"])
     return result
 
 

@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated sparsities and N:M patterns")
     b.add_argument("--peers", type=_task_list, default=("llmcompressor",),
                    help="peer implementations run on the same windows when installed ('' for none)")
+    b.add_argument("--peer-methods", type=_task_list, default=("sparsegpt", "wanda"),
+                   help="the peers' methods to run")
     b.add_argument("--calib", default="c4")
     b.add_argument("--nsamples", type=int, default=64)
     b.add_argument("--seqlen", type=int, default=512)
