@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${ADMM_PRUNE_DATA:-../shared/data}"
-NSAMPLES="${NSAMPLES:-32}" SEQLEN="${SEQLEN:-512}" EVAL_WINDOWS="${EVAL_WINDOWS:-16}"
+NSAMPLES="${NSAMPLES:-32}" SEQLEN="${SEQLEN:-512}" EVAL_WINDOWS="${EVAL_WINDOWS:-8}"
 OUT="${OUT:-runs/smollm2-admm-grad-50}"
 
 if [ -z "${VIRTUAL_ENV:-}" ]; then
