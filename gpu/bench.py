@@ -31,7 +31,8 @@ from admm_prune.reference import METHODS, parse_pattern
 from . import data as data_mod
 from . import models as models_mod
 from .pipeline import (
-    DTYPES, PipelineError, PruneConfig, load_eval_windows, perplexity, prune_model, resolve_device, versions,
+    DTYPES, PipelineError, PruneConfig, linear_sparsity, load_eval_windows, perplexity, prune_model,
+    resolve_device, versions,
 )
 
 log = logging.getLogger(__name__)
@@ -162,17 +163,6 @@ def _llmcompressor_prune(model, tokenizer, calib_ids: torch.Tensor, method: str,
             shuffle_calibration_samples=False)
 
 
-def _linear_sparsity(model) -> float:
-    zeros = total = 0
-    for block in model.model.layers:
-        for names in models_mod.linear_groups(block).values():
-            for name in names:
-                w = block.get_submodule(name).weight
-                zeros += int((w == 0).sum())
-                total += w.numel()
-    return zeros / max(total, 1)
-
-
 def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
     device = resolve_device(cfg.device)
     if model is None:
@@ -225,7 +215,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
         run = {"setting": setting, "impl": impl, "method": method, "prune_seconds": seconds,
-               "peak_memory_gib": mem.gib, "linear_sparsity": _linear_sparsity(model),
+               "peak_memory_gib": mem.gib, "linear_sparsity": linear_sparsity(model),
                "mean_layer_error": sum(errors) / len(errors) if errors else None,
                "perplexity": perplexity(model, windows, desc=f"{impl} {method} {setting}", **eval_kw)}
         log.info("%s", run)

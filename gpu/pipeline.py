@@ -596,11 +596,8 @@ class EvalConfig:
             raise PipelineError("nothing to evaluate: give --eval or --tasks")
 
 
-def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
-    """Perplexity and zero-shot accuracy of a model, with the sparsity it actually has."""
-    if model is None:
-        model, tokenizer, _ = models_mod.load_model(cfg.model, dtype=DTYPES[cfg.dtype], cache_dir=cfg.cache_dir)
-    model.eval()
+def linear_sparsity(model) -> float:
+    """Fraction of exact zeros over the decoder blocks' prunable linears."""
     zeros = total = 0
     for block in model.model.layers:
         for names in models_mod.linear_groups(block).values():
@@ -608,7 +605,15 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
                 w = block.get_submodule(n).weight
                 zeros += int((w == 0).sum())
                 total += w.numel()
-    result = {"model": cfg.model, "linear_sparsity": zeros / max(total, 1)}
+    return zeros / max(total, 1)
+
+
+def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
+    """Perplexity and zero-shot accuracy of a model, with the sparsity it actually has."""
+    if model is None:
+        model, tokenizer, _ = models_mod.load_model(cfg.model, dtype=DTYPES[cfg.dtype], cache_dir=cfg.cache_dir)
+    model.eval()
+    result = {"model": cfg.model, "linear_sparsity": linear_sparsity(model)}
     if cfg.eval is not None:
         limit = models_mod.max_sequence_length(model)
         if limit is not None and cfg.seqlen > limit:

@@ -32,38 +32,11 @@
 # A mask M has W's shape; True means kept.
 
 # %%
-import os
-import sys
 import time
-from pathlib import Path
 
-# One thread per library unless the environment says otherwise: on a small CPU shared with
-# other jobs, OpenBLAS threads waiting for each other cost more than they gain.
-for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
-    os.environ.setdefault(var, "1")
-
-import numpy as np
+from _tutorial import FAST, np, plt, save
 
 import admm_prune.reference as R
-
-FAST = os.environ.get("ADMM_TUTORIAL_FAST") == "1"  # CI: small sizes, seconds per chapter
-REPO = Path(R.__file__).resolve().parents[1]
-OUT = Path(os.environ.get("ADMM_TUTORIAL_OUT", REPO / "tutorial" / "_build"))
-OUT.mkdir(parents=True, exist_ok=True)
-
-import matplotlib
-
-if "ipykernel" not in sys.modules:  # a script: draw into files only, never a window
-    matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-
-def save(fig, name):
-    """Write a figure into OUT (and leave it open in a notebook, which displays it)."""
-    fig.savefig(OUT / name, dpi=120, bbox_inches="tight")
-    print(f"saved {OUT / name}")
-    if "ipykernel" not in sys.modules:
-        plt.close(fig)
 
 
 # %% [markdown]

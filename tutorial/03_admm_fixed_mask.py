@@ -23,48 +23,9 @@
 # watch it converge to the exact answer of `masked_lstsq`.
 
 # %%
-import os
-import sys
-from pathlib import Path
-
-# One thread per library unless the environment says otherwise: on a small CPU shared with
-# other jobs, OpenBLAS threads waiting for each other cost more than they gain.
-for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
-    os.environ.setdefault(var, "1")
-
-import numpy as np
+from _tutorial import FAST, np, plt, save, outlier_layer
 
 import admm_prune.reference as R
-
-FAST = os.environ.get("ADMM_TUTORIAL_FAST") == "1"
-REPO = Path(R.__file__).resolve().parents[1]
-OUT = Path(os.environ.get("ADMM_TUTORIAL_OUT", REPO / "tutorial" / "_build"))
-OUT.mkdir(parents=True, exist_ok=True)
-
-import matplotlib
-
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-
-def save(fig, name):
-    fig.savefig(OUT / name, dpi=120, bbox_inches="tight")
-    print(f"saved {OUT / name}")
-    if "ipykernel" not in sys.modules:
-        plt.close(fig)
-
-
-def outlier_layer(seed, d_out, d_in, n_tokens=None, outliers=4):
-    """(W, XtX, X) with log-normal feature scales, `outliers` features x20, correlated inputs."""
-    rng = np.random.default_rng(seed)
-    n_tokens = n_tokens or 4 * d_in
-    A = np.eye(d_in) + rng.normal(size=(d_in, d_in)) / np.sqrt(d_in)
-    scales = np.exp(0.5 * rng.normal(size=d_in))
-    scales[rng.choice(d_in, outliers, replace=False)] *= 20
-    X = (rng.normal(size=(n_tokens, d_in)) @ A) * scales
-    W = rng.normal(size=(d_out, d_in))
-    return W, X.T @ X, X
 
 
 # %% [markdown]

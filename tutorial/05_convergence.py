@@ -27,38 +27,11 @@
 # directory). In fast mode it is a small synthetic layer with outlier features.
 
 # %%
-import os
-import sys
 import time
-from pathlib import Path
 
-# One thread per library unless the environment says otherwise: NumPy's OpenBLAS and (for
-# the capture) torch's OpenMP pools slow each other down on a small shared CPU (chapter 6).
-for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
-    os.environ.setdefault(var, "1")
-
-import numpy as np
+from _tutorial import FAST, OUT, DATA, np, plt, save, outlier_layer
 
 import admm_prune.reference as R
-
-FAST = os.environ.get("ADMM_TUTORIAL_FAST") == "1"
-REPO = Path(R.__file__).resolve().parents[1]
-OUT = Path(os.environ.get("ADMM_TUTORIAL_OUT", REPO / "tutorial" / "_build"))
-OUT.mkdir(parents=True, exist_ok=True)
-DATA = Path(os.environ.get("ADMM_PRUNE_DATA", REPO.parent / "shared" / "data"))
-
-import matplotlib
-
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-
-def save(fig, name):
-    fig.savefig(OUT / name, dpi=120, bbox_inches="tight")
-    print(f"saved {OUT / name}")
-    if "ipykernel" not in sys.modules:
-        plt.close(fig)
 
 
 # %% [markdown]
@@ -70,18 +43,6 @@ def save(fig, name):
 # accumulated in float32 over every calibration token, as in a real run.
 
 # %%
-def outlier_layer(seed, d_out, d_in, n_tokens=None, outliers=4):
-    """(W, XtX, X) with log-normal feature scales, `outliers` features x20, correlated inputs."""
-    rng = np.random.default_rng(seed)
-    n_tokens = n_tokens or 4 * d_in
-    A = np.eye(d_in) + rng.normal(size=(d_in, d_in)) / np.sqrt(d_in)
-    scales = np.exp(0.5 * rng.normal(size=d_in))
-    scales[rng.choice(d_in, outliers, replace=False)] *= 20
-    X = (rng.normal(size=(n_tokens, d_in)) @ A) * scales
-    W = rng.normal(size=(d_out, d_in))
-    return W, X.T @ X, X
-
-
 def smollm2_layer(name="self_attn.q_proj", nsamples=16, seqlen=256):
     """(W, XtX) of one linear of SmolLM2's block 0, captured once and cached as .npz."""
     cache = OUT / f"05_smollm2_block0_{name.replace('.', '_')}_{nsamples}x{seqlen}.npz"

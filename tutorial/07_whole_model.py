@@ -30,41 +30,12 @@
 # %%
 import json
 import math
-import os
-import sys
-from pathlib import Path
 
-# One thread per library unless the environment says otherwise: on a small shared CPU,
-# torch's OpenMP threads waiting for each other under load cost far more than they gain
-# (while this chapter was written, on 2 cores shared with other jobs, a SmolLM2 block was
-# several times slower with 2 threads than with 1).
-for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
-    os.environ.setdefault(var, "1")
+from _tutorial import FAST, OUT, DATA, np, plt, save
 
-import numpy as np
 import torch
-
 import admm_prune.reference as R
 from admm_prune.gpu import data, models, pipeline
-
-FAST = os.environ.get("ADMM_TUTORIAL_FAST") == "1"
-REPO = Path(R.__file__).resolve().parents[1]
-OUT = Path(os.environ.get("ADMM_TUTORIAL_OUT", REPO / "tutorial" / "_build"))
-OUT.mkdir(parents=True, exist_ok=True)
-DATA = Path(os.environ.get("ADMM_PRUNE_DATA", REPO.parent / "shared" / "data"))
-
-import matplotlib
-
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-
-def save(fig, name):
-    fig.savefig(OUT / name, dpi=120, bbox_inches="tight")
-    print(f"saved {OUT / name}")
-    if "ipykernel" not in sys.modules:
-        plt.close(fig)
 
 
 # %% [markdown]
