@@ -497,11 +497,15 @@ def _prepare_out(cfg: PruneConfig) -> Path | None:
 def save_pruned(model, tokenizer, report: PruneReport, out: Path, overwrite: bool) -> None:
     """Write checkpoint + tokenizer + report.json to a temporary sibling, then rename it in."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
+        for path in [tmp, *tmp.iterdir()]:  # mkdtemp makes 0700: give the usual permissions
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         if out.exists():
             if not overwrite:
                 raise PipelineError(f"--out {out} appeared while pruning; not replacing it")

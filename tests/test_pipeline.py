@@ -155,6 +155,9 @@ def test_save_reload_and_report(corpus, tmp_path):
     assert rep["perplexity"]["dense"] > 1 and rep["perplexity"]["pruned"] > 1
     assert rep["calibration"]["nsamples"] == 4
     assert any(f.suffix == ".safetensors" for f in out.iterdir())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask, "usual permissions, not mkdtemp's 0700"
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     for k, v in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[k], v), k
