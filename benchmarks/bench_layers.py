@@ -60,14 +60,14 @@ def timed(fn, device, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def matmul_rate(device, dtype) -> float:
-    """FLOP/s of a large square GEMM in `dtype` (TF32 off), median of 3 after a warm-up."""
+def matmul_rate(device, dtype, repeats: int = 3) -> float:
+    """FLOP/s of a large square GEMM in `dtype` (TF32 off), median of `repeats` after a warm-up."""
     n = 8192 if device.type == "cuda" else 4096
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     with matmul_precision(device, False):
         a @ b
-        t, _ = timed(lambda: a @ b, device, 3)
+        t, _ = timed(lambda: a @ b, device, repeats)
     return 2 * n**3 / t
 
 
@@ -143,7 +143,7 @@ def run(args, save=lambda res: None) -> dict:
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         cpu_threads=torch.get_num_threads(), torch=torch.__version__, dtype=args.dtype,
-        iters=args.iters, mask_steps=args.mask_steps, sparsity=args.sparsity,
+        iters=args.iters, mask_steps=args.mask_steps, sparsity=args.sparsity, note=args.note,
     )
     print(f"measuring the {args.dtype} matmul rate on {device} ...", flush=True)
     rate = matmul_rate(device, dtype)
@@ -170,16 +170,21 @@ def run(args, save=lambda res: None) -> dict:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
+            # the GEMM rate right before and after: on a shared CPU the rate drifts, and
+            # the ratio is taken against the rate the method actually had available
+            before = matmul_rate(device, dtype, 1) if method != "wanda" else None
             secs, res = timed(lambda: G.prune_layer(
                 W, XtX, args.sparsity, method=method, iters=args.iters,
                 mask_steps=args.mask_steps, track_objective=False), device, repeats)
+            local = (before + matmul_rate(device, dtype, 1)) / 2 if method != "wanda" else rate
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
             with matmul_precision(device, False):
                 err = error(W, res.W, XtX, den)
             f = flops(method, d_out, d_in, args.iters)
             row = dict(layer=name, d_out=d_out, d_in=d_in, method=method, seconds=secs,
-                       repeats=repeats, flops=f, floor_s=f / rate if f else None,
-                       ratio=secs / (f / rate) if f else None, error=err, peak_mib=peak)
+                       repeats=repeats, flops=f, matmul_flops=local,
+                       floor_s=f / local if f else None,
+                       ratio=secs / (f / local) if f else None, error=err, peak_mib=peak)
             if not big:  # the best any update can do on this mask (float64, undamped)
                 exact = G.masked_lstsq(W.double(), XtX.double(), res.mask, damp=0.0)
                 row["error_exact_on_mask"] = G.reconstruction_error(W.double(), exact, XtX.double())
@@ -210,12 +215,13 @@ def markdown(res: dict) -> str:
         f"sparsity {info['sparsity']} unstructured per row, ADMM {info['iters']} iterations "
         f"(ADMM-Grad: {info['mask_steps']} mask steps), no objective tracking (as the pipeline). "
         f"Measured matmul rate: **{info['matmul_flops'] / 1e9:.0f} GFLOP/s** (square GEMM, same dtype, same run). "
-        f"Benchmark wall time {info.get('total_seconds', 0):.0f} s.",
+        f"Benchmark wall time {info.get('total_seconds', 0):.0f} s. {info.get('note', '')}",
         "",
         "Inputs: W ~ N(0, 1); XtX = D (C C^T / 512 + I) D with C (d_in, 512) Gaussian and "
         "log-normal feature scales D, 1 % of the features x20 (outliers), as in tests/synth.py.",
         "",
-        "- *floor* = matrix FLOPs of the method / measured matmul rate (see `flops()` in the "
+        "- *floor* = matrix FLOPs of the method / the matmul rate measured just before and after "
+        "the method's runs (*GEMM rate*; it drifts on a shared CPU) (see `flops()` in the "
         "script: ADMM = 7/3 d^3 (Cholesky + inverse) + 2 d_out d^2 (iters + 1); SparseGPT = "
         "4/3 d^3 + ~d_out d^2 for the sweep). Elementwise passes and mask selection are not "
         "counted, so *ratio* = time / floor >= 1 is the overhead on top of the GEMMs.",
@@ -227,17 +233,19 @@ def markdown(res: dict) -> str:
         "exact least-squares optimum on the method's mask (float64, undamped; small shapes "
         "only). ADMM solves the damped problem (damp 0.1), so it stays slightly above it.",
         "",
-        "| layer | W (d_out, d_in) | method | time | floor | ratio | error | exact on mask | peak CUDA mem |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| layer | W (d_out, d_in) | method | time | GEMM rate | floor | ratio | error | exact on mask | peak CUDA mem |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         exact, ratio, peak = r.get("error_exact_on_mask"), r["ratio"], r["peak_mib"]
-        runs = "" if r["repeats"] > 1 else " (1 run)"
-        out.append(
-            f"| {r['layer']} | ({r['d_out']}, {r['d_in']}) | {r['method']} | {fmt_s(r['seconds'])}{runs} | "
-            f"{fmt_s(r['floor_s'])} | {'-' if ratio is None else f'{ratio:.2f}'} | {r['error']:.4f} | "
-            f"{'-' if exact is None else f'{exact:.4f}'} | {'-' if peak is None else f'{peak:.0f} MiB'} |"
-        )
+        cells = [
+            r["layer"], f"({r['d_out']}, {r['d_in']})", r["method"],
+            fmt_s(r["seconds"]) + ("" if r["repeats"] > 1 else " (1 run)"),
+            "-" if r["floor_s"] is None else f"{r['matmul_flops'] / 1e9:.0f} GFLOP/s",
+            fmt_s(r["floor_s"]), "-" if ratio is None else f"{ratio:.2f}", f"{r['error']:.4f}",
+            "-" if exact is None else f"{exact:.4f}", "-" if peak is None else f"{peak:.0f} MiB",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
     out += ["", "## Targets (issue #3)", ""]
     admm = [r for r in rows if r["method"] in ("admm", "admm-grad") and r["d_in"] >= 2048]
     if admm:
@@ -294,9 +302,14 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--mask-steps", type=int, default=15)
     ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--note", default="", help="a sentence on the run's conditions, for the table's text")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's); 1 avoids OpenMP stalls on a shared CPU")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent
                     / "paper_notes" / "layer_benchmark.md")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.repeats_llama7b is None:
         args.repeats_llama7b = args.repeats if args.device.startswith("cuda") else 1
     t0 = time.perf_counter()
