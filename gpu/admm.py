@@ -10,14 +10,24 @@ three updates in the official code's order, in preconditioned coordinates,
 Where the contract differs from the reference:
 
 * ``factorize`` returns the explicit inverse (G~ + rho I)^-1, computed once per layer from
-  its Cholesky factor (``cholesky_ex``, then ``cholesky_solve`` of I), and ``w_update`` is one
-  GEMM with it. G~ has unit diagonal and is PSD, so every eigenvalue of G~ + rho I is >=
-  rho (= 1 by default) and <= rho + d_in (1 + damp): the condition number is at most
-  ~d_in, and the explicit inverse loses no accuracy that matters (measured: relative error
-  of the W update 2.9e-7 (inverse) vs 1.9e-7 (cholesky_solve) in float32, 4e-15 vs ~1e-16
-  in float64; d_in = 4096). It is faster because a GEMM beats two triangular solves with
-  many right-hand sides: the measurements are in ``factorize``'s docstring, and
-  ``benchmarks/bench_layers.py`` re-measures them on the device it runs on.
+  its Cholesky factor (``cholesky_ex``, then ``cholesky_solve`` of I), and ``w_update`` is
+  one GEMM with it, instead of two triangular solves with the factor per iteration. G~
+  has unit diagonal and is PSD, so the eigenvalues of G~ + rho I lie in
+  [rho, rho + d_in (1 + damp)]: with rho = 1 the inverse is as accurate as the solves
+  (measured relative difference of the W update: ~3e-7 in float32, i.e. rounding; 4e-15
+  in float64). Chosen by measurement (benchmarks/bench_layers.py, float32; the tables are
+  in paper_notes/layer_benchmark*.md):
+
+      W (d_out, d_in)   CPU, 1 core: solve / GEMM per iter (inverse, once)   H200: same
+      (576, 576)        7.0 ms / 3.7 ms (7.2 ms)                              0.4 / <0.1 ms (0.4)
+      (1536, 576)       18.6 ms / 11.7 ms (7.1 ms)                            0.4 / 0.1 ms (0.4)
+      (576, 1536)       35.0 ms / 24.3 ms (95.9 ms)                           1.0 / 0.1 ms (1.3)
+      (4096, 4096)      1.70 s / 1.29 s (1.68 s)                              5.8 / 2.8 ms (6.4)
+      (11008, 4096)                                                           13.4 / 7.6 ms (6.5)
+      (4096, 11008)                                                           28.3 / 19.8 ms (72.3)
+
+  The GEMM is 1.3-1.6x faster per iteration on the CPU and 1.4-10x on the H200; the
+  inverse costs about one solve, and a layer runs 20 iterations.
 * The iterates' scalar records (residuals, objective, sparsity) stay on the device while
   the solver runs; ``admm_iterates`` converts them to Python floats per iterate (one host
   sync per iterate: it is the step-through API), ``prune_layer`` once at the end.
@@ -66,10 +76,11 @@ def factorize(G: torch.Tensor, rho: float) -> torch.Tensor:
 
     Returned as the explicit inverse so that `w_update` is a single GEMM (the measurements
     are in the module docstring). The inverse is formed as ``cholesky_solve(I, L)`` (two
-    triangular solves), not ``cholesky_inverse(L)`` (LAPACK potri): same accuracy, and
-    MKL's potri collapses on a CPU shared with other jobs (n = 1536: 23 s vs 0.24 s for
-    the solves, measured on this project's 2-core CI machine under load; 0.3 s vs 0.3 s
-    when idle at n = 4096). On CUDA torch implements cholesky_inverse this way anyway.
+    triangular solves, 2 d^3 flops), not ``cholesky_inverse(L)`` (LAPACK potri, 2/3 d^3):
+    same accuracy and, on the H200, the same time (torch's CUDA cholesky_inverse is that
+    solve), but MKL's potri collapses on a CPU shared with other jobs: d = 1536 took 23 s
+    (vs 0.24 s for the solves) on this project's 2-core machine under load. On an idle
+    core potri is ~3x faster (d = 1536: 34 ms vs 96 ms), a few % of an ADMM layer.
     A failed factorization (rounding) is retried with added damping and a logged warning.
     """
     A = G.clone()
@@ -179,6 +190,7 @@ def _admm_steps(
         Z_prev = Z
 
 
+@torch.no_grad()  # per step: the decorator wraps each next()
 def admm_iterates(
     W: torch.Tensor,
     XtX: torch.Tensor,

@@ -65,6 +65,7 @@ def prune_shared(Ws, XtX, sparsity, **kwargs) -> list[PruneResult]:
     return _prune_shared(list(Ws), XtX, sparsity, **kwargs)
 
 
+@torch.no_grad()
 def _prune_shared(
     Ws: list, XtX, sparsity, *, method: str = "admm-grad", pattern: str = "unstructured",
     group: str = "row", rho: float = 1.0, damp: float | None = None, iters: int = 20,

@@ -12,6 +12,7 @@ from ._checks import as_tensor, check_gram, check_mask, check_weights, compute_d
 _BATCH_ELEMENTS = 2**24
 
 
+@torch.no_grad()
 def masked_lstsq(W: torch.Tensor, XtX: torch.Tensor, mask: torch.Tensor, damp: float = 0.1) -> torch.Tensor:
     """W^ = argmin tr((W^ - W) G (W^ - W)^T) s.t. W^ = W^ * M,  G = XtX + damp diag(XtX).
 
@@ -58,6 +59,7 @@ def masked_lstsq(W: torch.Tensor, XtX: torch.Tensor, mask: torch.Tensor, damp: f
     return out
 
 
+@torch.no_grad()
 def reconstruction_error(W_dense: torch.Tensor, W_pruned: torch.Tensor, XtX: torch.Tensor) -> float:
     """||X (W^ - W)^T||^2 / ||X W^T||^2 = tr(D XtX D^T) / tr(W XtX W^T), D = W^ - W.
 

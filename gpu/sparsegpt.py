@@ -2,11 +2,13 @@
 
 The twin of `admm_prune.reference.sparsegpt` (same masks, same update, same two
 differences from IST-DASLab/sparsegpt: exact prune counts, dead features scored 0). The
-sweep works on W^T so that a column of W is a contiguous row: per column one multiply,
-one divide and one rank-1 update (``addr_``) of the rest of the block, all over the d_out
-rows at once; per block of 128 columns the error is pushed to the columns right of it with
-one GEMM. The per-column loop is inherent to the method (column i's update depends on
-column i-1's), so on a GPU SparseGPT is launch-bound long before it is FLOP-bound.
+sweep works on W^T so that a column of W is a contiguous row: per column one multiply and
+one rank-1 update (``addr_``) of the rest of the block, all over the d_out rows at once;
+per block of 128 columns the error is pushed to the columns right of it with one GEMM.
+The per-column loop is inherent to the method (column i's update depends on column
+i-1's), so on a GPU SparseGPT is launch-bound long before it is FLOP-bound: on an H200,
+150-460 ms per LLaMA-7B layer at 10-47x its FLOP floor, where ADMM runs at 1.1-1.5x
+(paper_notes/layer_benchmark_h200.md).
 """
 
 from __future__ import annotations
@@ -77,20 +79,24 @@ def _sweep(
         d, dead1 = R1.diagonal(), dead[i1:i2]
         if mask is None and nm is None:
             M1.copy_(_block_mask(_scores(W1, d, dead1), i1, i2, sparsity, group).T)
-        pruned = torch.logical_not(M1).to(W.dtype)
+        # P[i] = (1 - M[:, i]) / d_i, so that err = (w - q) / d_i = w * P[i]: one kernel
+        P = torch.logical_not(M1).to(W.dtype).div_(d[:, None])
         Err1 = torch.empty_like(W1)
+        # the per-column views, made in bulk (on a GPU the sweep is bound by per-column overhead)
+        w_rows, p_rows, e_rows, r_rows = W1.unbind(0), P.unbind(0), Err1.unbind(0), R1.unbind(0)
         for i in range(i2 - i1):
             if mask is None and nm is not None and i % nm[1] == 0:
                 j = slice(i, i + nm[1])
                 M1[j] = nm_protected(_scores(W1[j], d[j], dead1[j]), *nm).T
-                pruned[j] = torch.logical_not(M1[j])
-            err = torch.mul(W1[i], pruned[i], out=Err1[i]).div_(d[i])  # (w - q) / d
-            W1[i:].addr_(R1[i, i:], err, alpha=-1)
+                torch.div(torch.logical_not(M1[j]).to(W.dtype), d[j, None], out=P[j])
+            torch.mul(w_rows[i], p_rows[i], out=e_rows[i])  # err = (w - q) / d
+            W1[i:].addr_(r_rows[i][i:], e_rows[i], alpha=-1)  # the columns right of i
         W1.mul_(M1)  # q = w * M: exactly zero where pruned
         Wt[i2:].addmm_(R[i1:i2, i2:].T, Err1, alpha=-1)
     return Wt.T.contiguous(), Mt.T.contiguous()
 
 
+@torch.no_grad()
 def sparsegpt(
     W: torch.Tensor,
     XtX: torch.Tensor,
