@@ -19,15 +19,17 @@ Where the contract differs from the reference:
   in paper_notes/layer_benchmark*.md):
 
       W (d_out, d_in)   CPU, 1 core: solve / GEMM per iter (inverse, once)   H200: same
-      (576, 576)        7.0 ms / 3.7 ms (7.2 ms)                              0.4 / <0.1 ms (0.4)
-      (1536, 576)       18.6 ms / 11.7 ms (7.1 ms)                            0.4 / 0.1 ms (0.4)
-      (576, 1536)       35.0 ms / 24.3 ms (95.9 ms)                           1.0 / 0.1 ms (1.3)
-      (4096, 4096)      1.70 s / 1.29 s (1.68 s)                              5.8 / 2.8 ms (6.4)
-      (11008, 4096)                                                           13.4 / 7.6 ms (6.5)
-      (4096, 11008)                                                           28.3 / 19.8 ms (72.3)
+      (576, 576)        7.3 ms / 3.7 ms (7.5 ms)                              0.4 / <0.1 ms (0.4)
+      (1536, 576)       18.6 ms / 9.6 ms (7.3 ms)                             0.4 / 0.1 ms (0.4)
+      (576, 1536)       36.4 ms / 25.8 ms (102 ms)                            1.0 / 0.1 ms (1.3)
+      (4096, 4096)      1.68 s / 1.30 s (1.69 s)                              5.8 / 2.8 ms (6.4)
+      (11008, 4096)     4.58 s / 3.48 s (1.73 s)                              13.4 / 7.6 ms (6.5)
+      (4096, 11008)     9.94 s / 9.07 s (26.6 s)                              28.3 / 19.8 ms (72.3)
 
-  The GEMM is 1.3-1.6x faster per iteration on the CPU and 1.4-10x on the H200; the
-  inverse costs about one solve, and a layer runs 20 iterations.
+  Over a layer's 20 iterations the inverse wins on every shape on the H200 (down_proj:
+  0.47 s vs 0.57 s) and on the CPU wherever d_out >= d_in; on the CPU's down_proj the
+  one-off inverse (2 d_in^3 flops) costs 2.7 solves and the total is 4 % worse (208 s vs
+  199 s). One code path for both devices, chosen for the GPU, where pruning runs.
 * The iterates' scalar records (residuals, objective, sparsity) stay on the device while
   the solver runs; ``admm_iterates`` converts them to Python floats per iterate (one host
   sync per iterate: it is the step-through API), ``prune_layer`` once at the end.
