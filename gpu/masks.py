@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from admm_prune.reference._checks import check_divisible, check_fraction, check_group, parse_pattern
+from admm_prune.reference._checks import check_mask_target
 from admm_prune.reference.schedule import prune_count
 
 from ._checks import as_tensor, check_gram, check_weights, compute_dtype
@@ -85,20 +85,11 @@ def nm_protected(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def _select(scores: torch.Tensor, sparsity: float | None, pattern: str, group: str) -> torch.Tensor:
     """`select_mask` without the finiteness check (no host sync): for scores computed here."""
-    check_group(group)
-    nm = parse_pattern(pattern)
+    nm, s, exact = check_mask_target(sparsity, pattern, group, scores.shape[1])
     if nm is None:
-        if sparsity is None:
-            raise ValueError("sparsity is required for the unstructured pattern")
-        return _select_unstructured(scores, check_fraction("sparsity", sparsity), group)
-    check_divisible(scores.shape[1], nm)
-    n, m = nm
-    full = 1.0 - n / m
-    s = full if sparsity is None else check_fraction("sparsity", sparsity)
-    if s > full + 1e-9:
-        raise ValueError(f"sparsity={sparsity!r} exceeds what pattern {pattern} allows ({full:g})")
-    protected = nm_protected(scores, n, m)
-    if s >= full - 1e-9:
+        return _select_unstructured(scores, s, group)
+    protected = nm_protected(scores, *nm)
+    if exact:
         return protected
     # gradual N:M: protected entries get +inf and are never among the pruned
     return _select_unstructured(scores.masked_fill(protected, float("inf")), s, group)

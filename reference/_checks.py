@@ -99,6 +99,25 @@ def check_divisible(d_in: int, nm: tuple[int, int] | None) -> None:
         )
 
 
+def check_mask_target(sparsity, pattern: str, group: str, d_in: int):
+    """`select_mask`'s scalar arguments, checked: (N:M or None, sparsity s, exact N:M?).
+
+    N:M with ``sparsity=None`` means s = 1 - N/M; a smaller s is the gradual N:M mask.
+    """
+    check_group(group)
+    nm = parse_pattern(pattern)
+    if nm is None:
+        if sparsity is None:
+            raise ValueError("sparsity is required for the unstructured pattern")
+        return None, check_fraction("sparsity", sparsity), False
+    check_divisible(d_in, nm)
+    full = 1.0 - nm[0] / nm[1]
+    s = full if sparsity is None else check_fraction("sparsity", sparsity)
+    if s > full + 1e-9:
+        raise ValueError(f"sparsity={sparsity!r} exceeds what pattern {pattern} allows ({full:g})")
+    return nm, s, s >= full - 1e-9
+
+
 def resolve_sparsity(sparsity, nm: tuple[int, int] | None, *, allow_none: bool) -> float | None:
     """The target sparsity: given, or implied by N:M (1 - N/M); a contradiction is an error."""
     if nm is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import check_divisible, check_fraction, check_gram, check_group, check_weights, parse_pattern
+from ._checks import check_gram, check_mask_target, check_weights
 from .schedule import prune_count
 
 
@@ -76,20 +76,11 @@ def select_mask(
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2 or not np.all(np.isfinite(scores)):
         raise ValueError(f"scores must be a finite 2-D array, got shape {scores.shape}")
-    check_group(group)
-    nm = parse_pattern(pattern)
+    nm, s, exact = check_mask_target(sparsity, pattern, group, scores.shape[1])
     if nm is None:
-        if sparsity is None:
-            raise ValueError("sparsity is required for the unstructured pattern")
-        return _select_unstructured(scores, check_fraction("sparsity", sparsity), group)
-    check_divisible(scores.shape[1], nm)
-    n, m = nm
-    full = 1.0 - n / m
-    s = full if sparsity is None else check_fraction("sparsity", sparsity)
-    if s > full + 1e-9:
-        raise ValueError(f"sparsity={sparsity!r} exceeds what pattern {pattern} allows ({full:g})")
-    protected = nm_protected(scores, n, m)
-    if s >= full - 1e-9:
+        return _select_unstructured(scores, s, group)
+    protected = nm_protected(scores, *nm)
+    if exact:
         return protected
     # gradual N:M: protected entries get +inf and are never among the pruned
     return _select_unstructured(np.where(protected, np.inf, scores), s, group)
