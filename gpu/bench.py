@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -31,8 +30,8 @@ from admm_prune.reference import METHODS, parse_pattern
 from . import data as data_mod
 from . import models as models_mod
 from .pipeline import (
-    DTYPES, PipelineError, PruneConfig, linear_sparsity, load_eval_windows, perplexity, prune_model,
-    resolve_device, versions,
+    DTYPES, PipelineError, PruneConfig, _write_atomic, linear_sparsity, load_eval_windows, perplexity,
+    prune_model, resolve_device, versions,
 )
 
 log = logging.getLogger(__name__)
@@ -276,10 +275,3 @@ def format_markdown(result: dict) -> str:
         lines.append(f"\n{peer} skipped: {why}")
     return "\n".join(lines) + "\n"
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task-data", default=None, help="folder with the task files (e.g. ../shared/data)")
     e.add_argument("--limit", type=_optional_int, default=None, help="at most this many documents per task")
     e.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
+    e.add_argument("--baseline", default=None,
+                   help="a second model (e.g. 'smollm2', the dense default) evaluated the same way, "
+                        "reported side by side")
+    e.add_argument("--out", default=None, help="path prefix: writes OUT.json and OUT.md")
 
     b = sub.add_parser("bench", help="every method x setting on one model, peers side by side",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

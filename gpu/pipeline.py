@@ -494,18 +494,23 @@ def _prepare_out(cfg: PruneConfig) -> Path | None:
     return out
 
 
+def _usual_mode(is_dir: bool) -> int:
+    """The permissions open()/mkdir() would give under the process umask (mkstemp/mkdtemp give 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if is_dir else 0o666) & ~umask
+
+
 def save_pruned(model, tokenizer, report: PruneReport, out: Path, overwrite: bool) -> None:
     """Write checkpoint + tokenizer + report.json to a temporary sibling, then rename it in."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
         for path in [tmp, *tmp.iterdir()]:  # mkdtemp makes 0700: give the usual permissions
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+            path.chmod(_usual_mode(path.is_dir()))
         if out.exists():
             if not overwrite:
                 raise PipelineError(f"--out {out} appeared while pruning; not replacing it")
@@ -586,6 +591,8 @@ class EvalConfig:
     offload_activations: bool = False
     cache_dir: str | None = None
     progress: bool = True
+    baseline: str | None = None  # a second model (e.g. the dense one) evaluated the same way
+    out: str | None = None  # path prefix: writes OUT.json and OUT.md
 
     def __post_init__(self):
         if not isinstance(self.seqlen, int) or self.seqlen < 2:
@@ -613,11 +620,31 @@ def linear_sparsity(model) -> float:
 
 
 def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
-    """Perplexity and zero-shot accuracy of a model, with the sparsity it actually has."""
+    """Perplexity and zero-shot accuracy of a model, with the sparsity it actually has.
+
+    With ``cfg.baseline`` the baseline model (typically the dense one) is evaluated on the
+    same windows and documents, and ``result["baseline"]`` and ``result["markdown"]`` (the two
+    side by side) are added. With ``cfg.out`` the result is written to OUT.json and OUT.md.
+    """
+    out = _prepare_report_out(cfg.out)
     if model is None:
         model, tokenizer, _ = models_mod.load_model(cfg.model, dtype=DTYPES[cfg.dtype], cache_dir=cfg.cache_dir)
+    result = _evaluate(cfg, model, tokenizer, cfg.model)
+    if cfg.baseline is not None:
+        del model
+        base, base_tok, _ = models_mod.load_model(cfg.baseline, dtype=DTYPES[cfg.dtype], cache_dir=cfg.cache_dir)
+        result["baseline"] = _evaluate(cfg, base, base_tok, cfg.baseline)
+    result["markdown"] = format_eval_markdown(result)
+    if out is not None:
+        _write_atomic(out.with_suffix(".json"), json.dumps(result, indent=2, default=str))
+        _write_atomic(out.with_suffix(".md"), result["markdown"])
+        log.info("wrote %s and %s", out.with_suffix(".json"), out.with_suffix(".md"))
+    return result
+
+
+def _evaluate(cfg: EvalConfig, model, tokenizer, name) -> dict:
     model.eval()
-    result = {"model": cfg.model, "linear_sparsity": linear_sparsity(model)}
+    result = {"model": name or "smollm2", "dtype": cfg.dtype, "linear_sparsity": linear_sparsity(model)}
     if cfg.eval is not None:
         limit = models_mod.max_sequence_length(model)
         if limit is not None and cfg.seqlen > limit:
@@ -632,3 +659,53 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
         result["zeroshot"] = run_zeroshot(model, tokenizer, list(cfg.tasks), cfg.task_data, limit=cfg.limit,
                                           batch_size=cfg.batch_size, device=cfg.device)
     return result
+
+
+def format_eval_markdown(result: dict) -> str:
+    """One model's evaluation, or (with a baseline) the baseline and the model side by side."""
+    base = result.get("baseline")
+    runs = [result] if base is None else [base, result]
+    lines = [" vs ".join(f"`{r['model']}` (linear sparsity {r['linear_sparsity']:.4f})" for r in runs)
+             + f", {result['dtype']}.", ""]
+    if "perplexity" in result:
+        ppl = ", ".join(f"{r['perplexity']:.3f}" for r in runs)
+        lines += [f"Perplexity on {result['windows']} windows of {result['seqlen']} tokens of "
+                  f"`{result['eval']}`: {ppl}" + (" (baseline, model)." if base else "."), ""]
+    if "zeroshot" in result:
+        from .zeroshot import format_table
+
+        zs = result["zeroshot"]
+        table = format_table(zs) if base is None else format_table(base["zeroshot"], zs)
+        if base is not None:
+            table = table.replace("dense acc %", "baseline acc %").replace("pruned acc %", "model acc %")
+        lines += [f"Zero-shot accuracy (lm-eval {zs['lm_eval_version']}, {zs['num_fewshot']}-shot, "
+                  f"limit {zs['limit']}):", "", table, ""]
+    return "\n".join(lines)
+
+
+def _prepare_report_out(out: str | None) -> Path | None:
+    """Check that the report's folder can be written before hours of evaluation."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.exists() and path.is_dir():
+        raise PipelineError(f"--out {out} is a directory; give a path prefix such as runs/eval_dense")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise PipelineError(f"--out {out}: cannot write to {parent}")
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, _usual_mode(False))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

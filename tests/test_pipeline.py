@@ -217,12 +217,33 @@ def test_cli_prune_and_eval_end_to_end(tiny_dir, corpus, tmp_path, capsys):
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["mean_sparsity"] == pytest.approx(0.5)
+    report = tmp_path / "reports" / "eval"
     code, stdout, err = _cli(["eval", "--model", str(out), "--eval", str(corpus / "eval.txt"),
-                              "--seqlen", "32", "--no-progress", "--device", "cpu"], capsys)
+                              "--seqlen", "32", "--no-progress", "--device", "cpu",
+                              "--baseline", str(tiny_dir), "--out", str(report)], capsys)
     assert code == 0, err
     result = json.loads(stdout)
     assert result["linear_sparsity"] == pytest.approx(0.5)
     assert result["perplexity"] == pytest.approx(summary["perplexity"]["pruned"], rel=1e-4)
+    # the baseline (the dense model) on the same windows, side by side in one report
+    base = result["baseline"]
+    assert base["linear_sparsity"] == 0 and base["windows"] == result["windows"]
+    assert base["perplexity"] == pytest.approx(summary["perplexity"]["dense"], rel=1e-4)
+    assert json.loads(report.with_suffix(".json").read_text())["baseline"] == base
+    md = report.with_suffix(".md").read_text()
+    assert f"{base['perplexity']:.3f}, {result['perplexity']:.3f} (baseline, model)" in md
+    assert sorted(p.name for p in report.parent.iterdir()) == ["eval.json", "eval.md"]  # no temporaries
+    umask = os.umask(0)
+    os.umask(umask)
+    assert report.with_suffix(".md").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_cli_eval_out_is_a_prefix_not_a_folder(tiny_dir, corpus, tmp_path, capsys):
+    code, stdout, err = _cli(["eval", "--model", str(tiny_dir), "--eval", str(corpus / "eval.txt"),
+                              "--seqlen", "32", "--no-progress", "--device", "cpu", "--out", str(tmp_path)], capsys)
+    assert code == cli.EXIT_USER_ERROR and stdout == ""
+    assert "--out" in err and "directory" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 BAD_CLI = [
