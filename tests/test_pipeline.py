@@ -327,11 +327,19 @@ def test_cli_eval_zero_shot_offline(tiny_dir, capsys):
     if not (SHARED / "rte").is_dir():
         pytest.skip(f"shared data not found at {SHARED}")
     code, stdout, err = _cli(["eval", "--model", str(tiny_dir), "--eval", "none", "--tasks", "rte,arc_easy",
-                              "--task-data", str(SHARED), "--limit", "4", "--no-progress", "--device", "cpu"], capsys)
+                              "--task-data", str(SHARED), "--limit", "4", "--no-progress", "--device", "cpu",
+                              "--baseline", str(tiny_dir)], capsys)
     assert code == 0, err
-    res = json.loads(stdout)["zeroshot"]
+    result = json.loads(stdout)
+    res = result["zeroshot"]
     assert set(res["tasks"]) == {"rte", "arc_easy"}
     assert all(t["n"] == 4 and 0 <= t["acc"] <= 1 for t in res["tasks"].values())
+    # the baseline is the same model here: the same accuracies, a zero change in the table
+    assert result["baseline"]["zeroshot"]["tasks"] == res["tasks"]
+    rows = [line for line in result["markdown"].splitlines() if line.startswith("| ")]
+    assert rows[0].split(" | ")[2:] == ["baseline acc %", "model acc %", "change |"]
+    assert [r.split(" | ")[0][2:] for r in rows[1:]] == ["rte", "arc_easy", "mean"]
+    assert all(r.endswith("| +0.00 |") for r in rows[1:])
     code, _, err = _cli(["eval", "--model", str(tiny_dir), "--eval", "none", "--tasks", "nope",
                          "--task-data", str(SHARED)], capsys)
     assert code == cli.EXIT_USER_ERROR and "nope" in err
