@@ -207,7 +207,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
                                    nsamples=cfg.nsamples, seqlen=cfg.seqlen,
                                    dtype=cfg.dtype, eval=None, progress=False)
                 records, _ = prune_model(model, calib_ids, pcfg)
-                errors = [r.error_pruned for r in records]
+                errors = [r.error_pruned for r in records if r.error_pruned is not None]
             else:
                 _llmcompressor_prune(model, tokenizer, calib_ids, method, sparsity, pattern)
             if device.type == "cuda":

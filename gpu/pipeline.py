@@ -49,7 +49,8 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import models as models_mod
-from .prune import prune_shared
+from .masks import magnitude_scores, select_mask
+from .prune import PruneResult, prune_shared
 from .solve import reconstruction_error
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,8 @@ class LinearRecord:
     name: str
     shape: tuple[int, int]
     sparsity: float
-    error_mask_only: float  # relative error of W * M (the final mask, no weight update)
-    error_pruned: float  # relative error of the pruned weights
+    error_mask_only: float | None  # relative error of W * M (the final mask, no weight update)
+    error_pruned: float | None  # relative error of the pruned weights (None: magnitude, no inputs seen)
     seconds: float
 
 
@@ -159,11 +160,11 @@ class PruneReport:
     perplexity: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        errs = [r["error_pruned"] for r in self.linears]
+        errs = [r["error_pruned"] for r in self.linears if r["error_pruned"] is not None]
         return {
             "linears": len(self.linears),
             "mean_sparsity": sum(r["sparsity"] for r in self.linears) / max(len(self.linears), 1),
-            "mean_layer_error": sum(errs) / max(len(errs), 1),
+            "mean_layer_error": sum(errs) / len(errs) if errs else None,
             "perplexity": self.perplexity,
             "prune_seconds": self.prune_seconds,
         }
@@ -363,6 +364,41 @@ def _check_model_fits(model, cfg: PruneConfig):
                             f"block {i} {n} has {d_in} inputs")
 
 
+def needs_calibration(method: str) -> bool:
+    """Magnitude pruning ranks |W| alone: no calibration data, no block forwards."""
+    return method != "magnitude"
+
+
+@torch.no_grad()
+def _prune_without_inputs(model, nblocks: int, cfg: PruneConfig, device,
+                          callback: Callable | None) -> tuple[list[LinearRecord], list[float]]:
+    """Magnitude pruning block by block: the same masks as `prune_layer(method="magnitude")`
+    (which reads only |W|), without capturing inputs or running a forward. The layer
+    reconstruction errors need inputs, so they are not measured (None); `callback` gets
+    ``XtX=None``."""
+    records: list[LinearRecord] = []
+    block_seconds: list[float] = []
+    for i in tqdm(range(nblocks), desc="prune magnitude", disable=not cfg.progress):
+        t0 = time.perf_counter()
+        block = model.model.layers[i]
+        for names in models_mod.linear_groups(block).values():
+            for n in names:
+                lin = block.get_submodule(n)
+                _check_finite(lin.weight, f"block {i} {n} weights")
+                t1 = time.perf_counter()
+                W = lin.weight.detach().clone()
+                mask = select_mask(magnitude_scores(W.to(device)), cfg.sparsity, cfg.pattern, cfg.group)
+                lin.weight.mul_(mask.to(lin.weight.device))
+                records.append(LinearRecord(
+                    block=i, name=n, shape=tuple(W.shape), sparsity=float((lin.weight == 0).float().mean()),
+                    error_mask_only=None, error_pruned=None, seconds=time.perf_counter() - t1))
+                if callback is not None:
+                    callback(i, n, W, None, PruneResult(W=lin.weight.detach().clone(), mask=mask))
+        block_seconds.append(time.perf_counter() - t0)
+    log.info("magnitude: %d blocks in %.1f s, no calibration forwards", nblocks, sum(block_seconds))
+    return records, block_seconds
+
+
 def prune_model(model, calib_ids: torch.Tensor, cfg: PruneConfig,
                 callback: Callable | None = None) -> tuple[list[LinearRecord], list[float]]:
     """Prune `model`'s decoder blocks in place, layer by layer.
@@ -377,6 +413,8 @@ def prune_model(model, calib_ids: torch.Tensor, cfg: PruneConfig,
     _check_model_fits(model, cfg)
     layers = model.model.layers
     nblocks = len(layers) if cfg.num_blocks is None else min(cfg.num_blocks, len(layers))
+    if not needs_calibration(cfg.method):
+        return _prune_without_inputs(model, nblocks, cfg, device, callback)
     inps, kwargs = capture_block_inputs(model, calib_ids, device, store, cfg.progress)
     outs = torch.empty_like(inps)
     records: list[LinearRecord] = []
@@ -541,11 +579,15 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
     _check_model_fits(model, cfg)
     report = PruneReport(config=asdict(cfg), versions=versions())
 
-    with _naming("--calib", cfg.calib):
-        texts = data_mod.load_texts(cfg.calib, split="train")
-        calib_ids, calib_info = data_mod.sample_calibration(texts, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
-    report.calibration = calib_info
-    log.info("calibration: %s", calib_info)
+    calib_ids = None
+    if needs_calibration(cfg.method):
+        with _naming("--calib", cfg.calib):
+            texts = data_mod.load_texts(cfg.calib, split="train")
+            calib_ids, calib_info = data_mod.sample_calibration(texts, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+        report.calibration = calib_info
+        log.info("calibration: %s", calib_info)
+    else:
+        report.calibration = {"mode": "none", "reason": f"{cfg.method} reads only the weights"}
 
     windows = None
     if cfg.eval is not None:

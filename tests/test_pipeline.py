@@ -61,7 +61,26 @@ def test_every_linear_pruned_exactly(corpus, arch, method):
         if not any(f".{n}.weight" in k for n in LINEARS):
             assert torch.equal(after[k], v), f"{k} must be untouched"
     assert len(report.linears) == 7 * len(model.model.layers)
-    assert all(r["error_pruned"] >= 0 for r in report.linears)
+    if method == "magnitude":  # no inputs seen, so no reconstruction error to report
+        assert all(r["error_pruned"] is None for r in report.linears)
+    else:
+        assert all(r["error_pruned"] >= 0 for r in report.linears)
+
+
+def test_magnitude_reads_no_data_and_runs_no_forward(corpus):
+    """|W| needs neither calibration text nor block inputs; the masks are prune_layer's."""
+    model, tok = models.tiny_model("llama")
+    dense = {n: model.model.layers[0].get_submodule(n).weight.detach().clone() for n in LINEARS}
+    calls = []
+    for block in model.model.layers:
+        block.register_forward_pre_hook(lambda *a: calls.append(1))
+    cfg = _cfg(corpus, method="magnitude", eval=None, calib="/nonexistent/calib.jsonl")
+    report = pipeline.run_prune(cfg, model=model, tokenizer=tok)
+    assert calls == [] and report.calibration["mode"] == "none"
+    assert report.summary()["mean_layer_error"] is None
+    for n, W in dense.items():
+        expected = G.prune_layer(W, torch.eye(W.shape[1]), 0.5, method="magnitude").W
+        assert torch.equal(model.model.layers[0].get_submodule(n).weight, expected), n
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4"])
