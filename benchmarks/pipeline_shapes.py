@@ -32,6 +32,10 @@ SHAPES = {
 }
 
 
+def _mean(values):
+    return sum(values) / len(values) if values else None  # magnitude reports no layer errors
+
+
 def random_llama(shape: str, blocks: int, dtype: torch.dtype):
     hidden, inter, heads, kv = SHAPES[shape]
     config = transformers.LlamaConfig(
@@ -78,7 +82,7 @@ def main(argv=None) -> None:
                    "seqlen": args.seqlen, "dtype": args.dtype, "device": str(device),
                    "seconds_total": total, "seconds_per_block": block_seconds,
                    "peak_device_gib": peak, "offload_activations": args.offload_activations,
-                   "mean_layer_error": sum(r.error_pruned for r in records) / len(records),
+                   "mean_layer_error": _mean([r.error_pruned for r in records if r.error_pruned is not None]),
                    "sparsity": sum(r.sparsity for r in records) / len(records)}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -88,7 +92,8 @@ def main(argv=None) -> None:
     for r in rows:
         peak = "—" if r["peak_device_gib"] is None else f"{r['peak_device_gib']:.2f}"
         lines.append(f"| {r['shape']} | {r['method']} | {r['seconds_per_block'][-1]:.2f} | {peak} | "
-                     f"{r['mean_layer_error']:.4f} | {r['sparsity']:.4f} |")
+                     f"{'—' if r['mean_layer_error'] is None else format(r['mean_layer_error'], '.4f')} | "
+                     f"{r['sparsity']:.4f} |")
     table = "\n".join(lines)
     print(table)
     if args.out:
