@@ -32,10 +32,6 @@ SHAPES = {
 }
 
 
-def _mean(values):
-    return sum(values) / len(values) if values else None  # magnitude reports no layer errors
-
-
 def random_llama(shape: str, blocks: int, dtype: torch.dtype):
     hidden, inter, heads, kv = SHAPES[shape]
     config = transformers.LlamaConfig(
@@ -82,7 +78,7 @@ def main(argv=None) -> None:
                    "seqlen": args.seqlen, "dtype": args.dtype, "device": str(device),
                    "seconds_total": total, "seconds_per_block": block_seconds,
                    "peak_device_gib": peak, "offload_activations": args.offload_activations,
-                   "mean_layer_error": _mean([r.error_pruned for r in records if r.error_pruned is not None]),
+                   "mean_layer_error": pipeline.mean_layer_error(r.error_pruned for r in records),
                    "sparsity": sum(r.sparsity for r in records) / len(records)}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -30,8 +30,8 @@ from admm_prune.reference import METHODS, parse_pattern
 from . import data as data_mod
 from . import models as models_mod
 from .pipeline import (
-    DTYPES, PipelineError, PruneConfig, _write_atomic, linear_sparsity, load_eval_windows, perplexity,
-    prune_model, resolve_device, versions,
+    DTYPES, PipelineError, PruneConfig, _write_atomic, linear_sparsity, load_eval_windows, mean_layer_error,
+    perplexity, prune_model, resolve_device, versions,
 )
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
                                    nsamples=cfg.nsamples, seqlen=cfg.seqlen,
                                    dtype=cfg.dtype, eval=None, progress=False)
                 records, _ = prune_model(model, calib_ids, pcfg)
-                errors = [r.error_pruned for r in records if r.error_pruned is not None]
+                errors = [r.error_pruned for r in records]
             else:
                 _llmcompressor_prune(model, tokenizer, calib_ids, method, sparsity, pattern)
             if device.type == "cuda":
@@ -215,7 +215,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
             seconds = time.perf_counter() - start
         run = {"setting": setting, "impl": impl, "method": method, "prune_seconds": seconds,
                "peak_memory_gib": mem.gib, "linear_sparsity": linear_sparsity(model),
-               "mean_layer_error": sum(errors) / len(errors) if errors else None,
+               "mean_layer_error": mean_layer_error(errors),
                "perplexity": perplexity(model, windows, desc=f"{impl} {method} {setting}", **eval_kw)}
         log.info("%s", run)
         result["runs"].append(run)

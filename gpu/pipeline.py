@@ -49,7 +49,8 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import models as models_mod
-from .masks import magnitude_scores, select_mask
+from ._checks import compute_dtype
+from .masks import _select
 from .prune import PruneResult, prune_shared
 from .solve import reconstruction_error
 
@@ -160,14 +161,19 @@ class PruneReport:
     perplexity: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        errs = [r["error_pruned"] for r in self.linears if r["error_pruned"] is not None]
         return {
             "linears": len(self.linears),
             "mean_sparsity": sum(r["sparsity"] for r in self.linears) / max(len(self.linears), 1),
-            "mean_layer_error": sum(errs) / len(errs) if errs else None,
+            "mean_layer_error": mean_layer_error(r["error_pruned"] for r in self.linears),
             "perplexity": self.perplexity,
             "prune_seconds": self.prune_seconds,
         }
+
+
+def mean_layer_error(errors) -> float | None:
+    """Mean of the measured layer errors; None when none was measured (magnitude)."""
+    errs = [e for e in errors if e is not None]
+    return sum(errs) / len(errs) if errs else None
 
 
 class _StopForward(Exception):
@@ -387,7 +393,8 @@ def _prune_without_inputs(model, nblocks: int, cfg: PruneConfig, device,
                 _check_finite(lin.weight, f"block {i} {n} weights")
                 t1 = time.perf_counter()
                 W = lin.weight.detach().clone()
-                mask = select_mask(magnitude_scores(W.to(device)), cfg.sparsity, cfg.pattern, cfg.group)
+                # |W| as prune_layer(method="magnitude") scores it; finiteness was checked just above
+                mask = _select(torch.abs(W.to(device, compute_dtype(W))), cfg.sparsity, cfg.pattern, cfg.group)
                 lin.weight.mul_(mask.to(lin.weight.device))
                 records.append(LinearRecord(
                     block=i, name=n, shape=tuple(W.shape), sparsity=float((lin.weight == 0).float().mean()),
@@ -443,8 +450,7 @@ def prune_model(model, calib_ids: torch.Tensor, cfg: PruneConfig,
         if device.type == "cuda":
             torch.cuda.empty_cache()
         block_seconds.append(time.perf_counter() - t0)
-        errs = [r.error_pruned for r in records if r.block == i]
-        err = sum(errs) / len(errs)
+        err = mean_layer_error(r.error_pruned for r in records if r.block == i)
         bar.set_postfix(err=f"{err:.4f}", s=f"{block_seconds[-1]:.1f}")
         log.info("block %d: %.1f s, mean layer error %.5f", i, block_seconds[-1], err)
     return records, block_seconds
@@ -717,9 +723,10 @@ def format_eval_markdown(result: dict) -> str:
         from .zeroshot import format_table
 
         zs = result["zeroshot"]
-        table = format_table(zs) if base is None else format_table(base["zeroshot"], zs)
-        if base is not None:
-            table = table.replace("dense acc %", "baseline acc %").replace("pruned acc %", "model acc %")
+        if base is None:
+            table = format_table(zs, labels=("model",))
+        else:
+            table = format_table(base["zeroshot"], zs, labels=("baseline", "model"))
         lines += [f"Zero-shot accuracy (lm-eval {zs['lm_eval_version']}, {zs['num_fewshot']}-shot, "
                   f"limit {zs['limit']}):", "", table, ""]
     return "\n".join(lines)

@@ -204,10 +204,11 @@ def run_zeroshot(model, tokenizer, tasks, data_dir, *, limit=None, batch_size=1,
     }
 
 
-def format_table(results_dense, results_pruned=None):
+def format_table(results_dense, results_pruned=None, labels=("dense", "pruned")):
     """Markdown table of per-task accuracy (acc, in %) and the mean, dense and pruned side by side.
 
-    The two results must cover the same tasks on the same number of documents.
+    The two results must cover the same tasks on the same number of documents. `labels`
+    name the two accuracy columns ("<label> acc %").
     """
     runs = [results_dense] if results_pruned is None else [results_dense, results_pruned]
     dense = results_dense["tasks"]
@@ -218,7 +219,8 @@ def format_table(results_dense, results_pruned=None):
     names = [name for name in TASKS if name in dense] + [name for name in dense if name not in TASKS]
     entries = [(name, str(dense[name]["n"]), [run["tasks"][name]["acc"] for run in runs]) for name in names]
     entries.append(("mean", "", [run["mean_acc"] for run in runs]))
-    header = ["task", "n", "dense acc %"] + (["pruned acc %", "change"] if results_pruned is not None else [])
+    header = ["task", "n"] + [f"{label} acc %" for label in labels[:len(runs)]]
+    header += ["change"] if results_pruned is not None else []
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name, n, accs in entries:
         cells = [name, n] + [f"{100 * acc:.2f}" for acc in accs]
