@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import os
 
+# What .ci/run exports, for the README's test command typed in a plain shell: offline (no
+# test needs the network), no plot windows. Set before anything imports huggingface_hub, which
+# reads them once. ADMM_PRUNE_CACHE is left to its default (~/.cache/admm_prune), where
+# scripts/quickstart.sh has already converted the embedded model.
+for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
+    os.environ.setdefault(_name, "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
 import pytest
 from hypothesis import HealthCheck, settings
 
