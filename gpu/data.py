@@ -107,16 +107,36 @@ def _read_file(path):
     return texts
 
 
+def _not_utf8(path, error):
+    """DataError naming `path` and the byte offset of its first invalid UTF-8 sequence."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        try:
+            f.read().decode("utf-8")
+        except UnicodeDecodeError as exact:  # the streamed error's offset is within a chunk
+            error = exact
+    where = ", uncompressed" if path.name.endswith(".gz") else ""
+    line = error.object[:error.start].count(b"\n") + 1
+    return DataError(f"{path}: not UTF-8 text: byte {error.start} (line {line}{where}) is "
+                     f"{error.object[error.start:error.start + 1]!r} ({error.reason}); re-encode it as UTF-8")
+
+
 def _read_rows(path):
     """Rows as the HF WikiText split gives them: each line with its newline, a blank line as ""."""
-    with open(path, encoding="utf-8") as f:
-        return [row if row.strip() else "" for row in f]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [row if row.strip() else "" for row in f]
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from None
 
 
 def _read_json(path):
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        content = f.read()
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            content = f.read()
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from None
     try:
         if content.lstrip().startswith("["):
             records = json.loads(content)

@@ -1,5 +1,6 @@
 """Data loading, the calibration sampler, perplexity windows and perplexity (offline)."""
 
+import gzip
 import json
 import math
 import os
@@ -82,6 +83,16 @@ def test_bad_files_raise_data_error_naming_the_path(tmp_path, name, content, mes
     with pytest.raises(DataError, match=message) as error:
         load_texts(path)
     assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["latin1.txt", "latin1.jsonl", "latin1.json.gz"])
+def test_non_utf8_file_is_a_data_error_naming_file_and_byte(tmp_path, name):
+    path = tmp_path / name
+    content = 'caf\u00e9 ok\n{"text": "na\u00efve"}\n'.encode("latin-1")  # é = 0xe9 at byte 3
+    path.write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
+    with pytest.raises(DataError, match=r"not UTF-8 text: byte 3 \(line 1") as error:
+        load_texts(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
 def test_parquet_without_text_column(tmp_path):
