@@ -64,6 +64,19 @@ Peak memory per layer (ADMM; float32 = 4 bytes; the caller's W and XtX not count
     on LLaMA-7B down_proj. `benchmarks/bench_layers.py` reports the CUDA peak per shape.
 """
 
+import sys as _sys
+from pathlib import Path as _Path
+
+try:  # a core install (numpy + scipy) has the reference only: say what to install, in one line
+    import torch as _torch  # noqa: F401
+except ImportError as _error:
+    _message = f"admm_prune.gpu needs torch ({_error}): pip install 'admm-prune[gpu]'"
+    _argv = getattr(_sys, "orig_argv", _sys.argv)
+    if _Path(_sys.argv[0]).stem in ("admm-prune", "admm-prune-script") or any(
+            a == "-m" and b == __name__ for a, b in zip(_argv, _argv[1:])):  # a command, not an import
+        raise SystemExit(f"admm-prune: error: {_message}") from None
+    raise ImportError(_message, name=__name__) from None
+
 from admm_prune.reference import METHODS, DEFAULT_DAMP, ADMMState, IterationRecord, PruneResult
 from admm_prune.reference.admm import Preconditioned
 from admm_prune.reference._checks import parse_pattern
