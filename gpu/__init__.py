@@ -14,8 +14,10 @@ Device and dtype
     return the compute dtype.
 
 TF32
-    `prune_layer(..., allow_tf32=False)` is the only addition to a reference signature
-    (the mirror test checks that each twin's parameters start with the reference's). By
+    `prune_layer(..., allow_tf32=False)` is an addition to a reference signature (twins
+    add only trailing keyword-only options: this one, and the ``out=``/``work=`` buffers
+    of the step functions; the mirror test checks that each twin's parameters start with
+    the reference's). By
     default the call pins float32 CUDA matmuls to IEEE fp32 and restores the previous
     setting on return; ``allow_tf32=True`` opts in. Nothing is set at import. The
     lower-level functions follow torch's global setting (default: no TF32).
@@ -77,15 +79,22 @@ except ImportError as _error:
         raise SystemExit(f"admm-prune: error: {_message}") from None
     raise ImportError(_message, name=__name__) from None
 
-from admm_prune.reference import METHODS, DEFAULT_DAMP, ADMMState, IterationRecord, PruneResult
+from admm_prune.reference import (
+    METHODS, DEFAULT_DAMP, DEFAULT_POLISH_DAMP, ADMMState, IterationRecord, PolishRecord,
+    PolishState, PruneResult,
+)
 from admm_prune.reference.admm import Preconditioned
 from admm_prune.reference._checks import parse_pattern
+from admm_prune.reference.owl import owl_sparsities  # scalar math on a few numbers per model
 from admm_prune.reference.schedule import cubic_sparsity, prune_count
 
 from .admm import (
     admm_iterates, factorize, mask_update, objective, precondition, u_update, w_update, z_update,
 )
+from .linalg import InverseFactor
 from .masks import magnitude_scores, select_mask, wanda_scores
+from .owl import outlier_ratio
+from .polish import cg_step, polish_iterates
 from .prune import prune_layer, prune_shared
 from .solve import masked_lstsq, reconstruction_error
 from .sparsegpt import sparsegpt
@@ -97,10 +106,15 @@ __all__ = [
     # the ADMM equations
     "precondition", "factorize", "z_update", "u_update", "w_update", "mask_update",
     "objective", "admm_iterates",
+    # the finish on the support (conjugate gradient)
+    "cg_step", "polish_iterates",
+    # OWL per-block sparsity
+    "outlier_ratio", "owl_sparsities",
     # baselines and drivers
     "sparsegpt", "prune_layer", "prune_shared",
     # oracles
     "masked_lstsq", "reconstruction_error",
     # types and constants
-    "ADMMState", "IterationRecord", "PruneResult", "Preconditioned", "METHODS", "DEFAULT_DAMP",
+    "ADMMState", "IterationRecord", "PolishRecord", "PolishState", "PruneResult",
+    "Preconditioned", "InverseFactor", "METHODS", "DEFAULT_DAMP", "DEFAULT_POLISH_DAMP",
 ]

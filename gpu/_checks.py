@@ -1,25 +1,19 @@
-"""Tensor validation, dtype policy and the TF32 guard shared by the torch backend.
+"""Tensor validation and the dtype policy of the torch backend.
 
 The scalar checks (sparsity, pattern, group, method, solver settings) are the reference's
-own (`admm_prune.reference._checks`), so both backends raise the same ValueError for the
-same bad input. The tensor checks below are their twins on the device: each costs one
-host sync (`bool(...)` of a reduction), never a copy of the tensor to the host.
+own (`admm_prune.reference._checks`, `check_target` for `check_problem`'s scalar half),
+so both backends raise the same ValueError for the same bad input. The tensor checks
+below are their twins on the device: each costs one host sync (`bool(...)` of a
+reduction), never a copy of the tensor to the host. Numerics live in `linalg`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-
 import numpy as np
 import torch
 
-from admm_prune.reference._checks import (
-    Problem, check_divisible, check_fraction, check_group, parse_pattern, resolve_sparsity,
-)
+from admm_prune.reference._checks import Problem, check_target
 from admm_prune.reference.schedule import prune_count
-
-log = logging.getLogger("admm_prune.gpu")
 
 
 def as_tensor(x, device: torch.device | None = None) -> torch.Tensor:
@@ -94,7 +88,8 @@ def check_mask_sparsity(mask: torch.Tensor, sparsity: float, nm, group: str) -> 
 
 
 def check_problem(W, XtX, sparsity, pattern, group, mask, *, gram_checked: bool = False) -> Problem:
-    """The reference's `check_problem` on tensors (same order of checks, same messages).
+    """The reference's `check_problem` on tensors: the tensor checks here, the scalar half
+    (`check_target`) the reference's own, in the same order, with the same messages.
 
     ``gram_checked``: XtX was validated already (several weights sharing one Gram); only
     its shape and device are checked again.
@@ -107,64 +102,29 @@ def check_problem(W, XtX, sparsity, pattern, group, mask, *, gram_checked: bool 
         check_same_device("XtX", XtX, W.device)
     else:
         XtX = check_gram(XtX, W.shape[1], W.device)
-    check_group(group)
-    nm = parse_pattern(pattern)
-    check_divisible(W.shape[1], nm)
+    s, nm = check_target(sparsity, pattern, group, W.shape[1], with_mask=mask is not None)
     if mask is not None:
         mask = check_mask(mask, W.shape, W.device)
-        s = None if sparsity is None else check_fraction("sparsity", sparsity)
         if s is not None:
             check_mask_sparsity(mask, s, nm, group)
-        return Problem(W, XtX, s, nm, mask)
-    return Problem(W, XtX, resolve_sparsity(sparsity, nm, allow_none=False), nm, None)
+    return Problem(W, XtX, s, nm, mask)
 
 
-def cholesky(A: torch.Tensor, what: str, *, upper: bool = False, tries: int = 8) -> torch.Tensor:
-    """Cholesky factor of the SPD matrix A (``torch.linalg.cholesky_ex``: one host sync).
+def check_result(W_hat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The pruned weights cast to `dtype`, refused (ValueError naming W) if they do not fit.
 
-    If the factorization fails (rounding on a nearly singular matrix, typically in float32),
-    add 1e-6 * mean(diag A) to the diagonal, ten times more on each retry, and log a
-    warning saying how much was added; raise after `tries` failures.
+    fp16 holds magnitudes up to 65504: a float16 layer whose weights are ~3e4 can come
+    back from the update above that, and a silent Inf would poison the model. One host sync.
     """
-    L, info = torch.linalg.cholesky_ex(A, upper=upper)
-    if int(info) == 0:
-        return L
-    mean_diag = A.diagonal().mean()
-    for t in range(tries):
-        jitter = 1e-6 * 10.0**t * mean_diag
-        log.warning("Cholesky of %s failed (minor %d not positive); retrying with %.3g added "
-                    "to the diagonal", what, int(info), float(jitter))
-        B = A.clone()
-        B.diagonal().add_(jitter)
-        L, info = torch.linalg.cholesky_ex(B, upper=upper)
-        if int(info) == 0:
-            return L
-    raise ValueError(f"Cholesky of {what} failed even with damping added; the input is not "
-                     "a usable Gram matrix (check it for overflow)")
+    out = W_hat.to(dtype)
+    if not bool(torch.isfinite(out).all()):
+        finite = W_hat[torch.isfinite(W_hat)]
+        big = float(finite.abs().max()) if finite.numel() else float("nan")
+        raise ValueError(
+            f"W: the pruned weights do not fit {str(dtype).replace('torch.', '')} (largest "
+            f"finite |value| {big:.3g}); prune a float32 copy of W, or rescale it")
+    return out
 
 
-_NEW_TF32_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")  # torch >= 2.9
-
-
-@contextlib.contextmanager
-def matmul_precision(device: torch.device, allow_tf32: bool):
-    """Pin float32 CUDA matmuls to IEEE fp32 (or TF32 if `allow_tf32`) for this block.
-
-    Saves and restores the process-wide cuBLAS flag (``torch.backends.cuda.matmul.
-    fp32_precision`` on torch >= 2.9, else ``allow_tf32``): nothing changes outside the
-    block, but the flag is global while the block runs, so do not run pruning and other
-    float32 CUDA work concurrently from several threads. cuDNN is not used here (no
-    convolutions), so its flag is left alone. No-op off CUDA.
-    """
-    if device.type != "cuda":
-        yield
-        return
-    m = torch.backends.cuda.matmul
-    name = "fp32_precision" if _NEW_TF32_API else "allow_tf32"
-    value = ("tf32" if allow_tf32 else "ieee") if _NEW_TF32_API else bool(allow_tf32)
-    old = getattr(m, name)
-    setattr(m, name, value)
-    try:
-        yield
-    finally:
-        setattr(m, name, old)
+# numerics that used to live here; imported from here by benchmarks/bench_layers.py
+from .linalg import cholesky, matmul_precision  # noqa: E402,F401

@@ -9,9 +9,10 @@ three updates in the official code's order, in preconditioned coordinates,
 
 Where the contract differs from the reference:
 
-* ``factorize`` returns the explicit inverse (G~ + rho I)^-1, computed once per layer from
-  its Cholesky factor (``cholesky_ex``, then ``cholesky_solve`` of I), and ``w_update`` is
-  one GEMM with it, instead of two triangular solves with the factor per iteration. G~
+* ``factorize`` keeps the reference's contract (an object whose ``solve(R)`` is
+  R (G~ + rho I)^-1) but holds the explicit inverse, computed once per layer from its
+  Cholesky factor (``cholesky_ex``, then ``cholesky_solve`` of I): ``w_update`` is one
+  GEMM with it, instead of two triangular solves with the factor per iteration. G~
   has unit diagonal and is PSD, so the eigenvalues of G~ + rho I lie in
   [rho, rho + d_in (1 + damp)]: with rho = 1 the inverse is as accurate as the solves
   (measured relative difference of the W update: ~3e-7 in float32, i.e. rounding; 4e-15
@@ -34,6 +35,8 @@ Where the contract differs from the reference:
   the solver runs; ``admm_iterates`` converts them to Python floats per iterate (one host
   sync per iterate: it is the step-through API), ``prune_layer`` once at the end.
 * Validation of tensors runs on the device (see `_checks`).
+* The updates take keyword-only ``out=``/``work=`` buffers (the only additions to the
+  reference's signatures), and the fast loop `_admm_steps` calls them with fixed buffers.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from admm_prune.reference._checks import check_solver
 from admm_prune.reference.admm import ADMMState, Preconditioned
 from admm_prune.reference.schedule import cubic_sparsity
 
-from ._checks import check_problem, cholesky, compute_dtype
+from ._checks import check_problem, compute_dtype
+from .linalg import InverseFactor, inverse_factor
 from .masks import _select
 
 
@@ -73,52 +77,55 @@ def _precondition_gram(XtX: torch.Tensor, damp: float):
     return G, scale, live
 
 
-def factorize(G: torch.Tensor, rho: float) -> torch.Tensor:
-    """(G~ + rho I)^-1 from one Cholesky factorization, once per layer.
+def factorize(G: torch.Tensor, rho: float) -> InverseFactor:
+    """(G~ + rho I)^-1 from one Cholesky, once per layer; ``solve(R)`` = R (G~ + rho I)^-1.
 
-    Returned as the explicit inverse so that `w_update` is a single GEMM (the measurements
-    are in the module docstring). The inverse is formed as ``cholesky_solve(I, L)`` (two
-    triangular solves, 2 d^3 flops), not ``cholesky_inverse(L)`` (LAPACK potri, 2/3 d^3):
-    same accuracy and, on the H200, the same time (torch's CUDA cholesky_inverse is that
-    solve), but MKL's potri collapses on a CPU shared with other jobs: d = 1536 took 23 s
-    (vs 0.24 s for the solves) on this project's 2-core machine under load. On an idle
-    core potri is ~3x faster (d = 1536: 34 ms vs 96 ms), a few % of an ADMM layer.
-    A failed factorization (rounding) is retried with added damping and a logged warning.
+    The reference's contract (an object whose ``solve`` applies the inverse from the
+    right); here it holds the explicit inverse so that `w_update` is a single GEMM (the
+    measurements are in the module docstring; how the inverse is formed, in
+    `linalg.inverse_factor`). A failed factorization (rounding) is retried with added
+    damping and a logged warning.
     """
     A = G.clone()
     A.diagonal().add_(rho)
-    L = cholesky(A, "G~ + rho I")
-    A.zero_().diagonal().fill_(1.0)  # reuse the buffer: the identity
-    return torch.cholesky_solve(A, L)
+    return inverse_factor(A, "G~ + rho I")
 
 
-def z_update(W: torch.Tensor, U: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """Z = (W + U) * M: projection onto the matrices supported on M."""
-    return torch.add(W, U).mul_(M)
+def z_update(W: torch.Tensor, U: torch.Tensor, M: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Z = (W + U) * M: projection onto the matrices supported on M (into `out` if given)."""
+    return torch.add(W, U, out=out).mul_(M)
 
 
-def u_update(U: torch.Tensor, W: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
-    """U = U + W - Z: the scaled dual variable accumulates the constraint violation."""
-    return torch.add(U, W).sub_(Z)
+def u_update(U: torch.Tensor, W: torch.Tensor, Z: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """U = U + W - Z: the scaled dual variable accumulates the constraint violation.
+
+    `out` may be U itself (the update in place).
+    """
+    return torch.add(U, W, out=out).sub_(Z)
 
 
-def w_update(factor: torch.Tensor, B: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, rho: float) -> torch.Tensor:
+def w_update(
+    factor: InverseFactor, B: torch.Tensor, Z: torch.Tensor, U: torch.Tensor, rho: float, *,
+    out: torch.Tensor | None = None, work: torch.Tensor | None = None,
+) -> torch.Tensor:
     """W = (W0 G~ + rho (Z - U)) (G~ + rho I)^-1, with B = W0 G~ precomputed.
 
-    `factor` is `factorize`'s explicit inverse (symmetric): one GEMM.
+    `factor` is `factorize`'s (one GEMM). `work`: a scratch buffer for B + rho (Z - U);
+    `out` must not alias it, Z, U or B.
     """
-    return torch.sub(Z, U).mul_(rho).add_(B) @ factor
+    return factor.solve(torch.sub(Z, U, out=work).mul_(rho).add_(B), out=out)
 
 
 def mask_update(
-    W: torch.Tensor, U: torch.Tensor, live: torch.Tensor, sparsity: float, pattern: str, group: str
+    W: torch.Tensor, U: torch.Tensor, live: torch.Tensor, sparsity: float, pattern: str, group: str,
+    *, work: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """M = top scores of |W + U| at `sparsity` (dead features score 0: pruned first).
 
-    No finiteness check (that would be a host sync per mask step): W and U come from the
-    solver, whose inputs were checked.
+    `work`: a scratch buffer for the scores. No finiteness check (that would be a host
+    sync per mask step): W and U come from the solver, whose inputs were checked.
     """
-    return _select(torch.add(W, U).abs_().mul_(live), sparsity, pattern, group)
+    return _select(torch.add(W, U, out=work).abs_().mul_(live), sparsity, pattern, group)
 
 
 def _objective(Z: torch.Tensor, W0: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -148,25 +155,28 @@ class _Step(NamedTuple):
 def _initial_mask(W0, live, sparsity, pattern, group, mask, mask_steps):
     """(M, mask_steps): the caller's mask (fixed), ADMM1's Wanda mask (fixed), or None."""
     if mask is not None:
-        return mask, 0
+        return mask.clone(), 0  # the states and the result never alias the caller's mask
     if mask_steps == 0:
         return mask_update(W0, torch.zeros_like(W0), live, sparsity, pattern, group), 0
     return None, mask_steps
 
 
 def _admm_steps(
-    W0: torch.Tensor, G: torch.Tensor, live: torch.Tensor, factor: torch.Tensor, B: torch.Tensor,
+    W0: torch.Tensor, G: torch.Tensor, live: torch.Tensor, factor: InverseFactor, B: torch.Tensor,
     sparsity: float | None, pattern: str, group: str, rho: float, iters: int, mask_steps: int,
     mask: torch.Tensor | None, track_objective: bool, reuse: bool = False,
 ) -> Iterator[_Step]:
     """The ADMM loop, without host syncs (the records stay 0-dim device tensors).
 
-    The updates are `z_update`, `u_update` and `w_update`, written out so that with
-    ``reuse=True`` (`prune_layer`) they overwrite a fixed set of buffers (W, U, Z, Z_prev,
-    one scratch) instead of allocating: on a CPU a fresh 180 MB tensor costs ~5x an
-    in-place pass (page faults). Then a yielded state is only valid until the next one.
-    With ``reuse=False`` (`admm_iterates`) every state is fresh. Same operations, same
-    rounding, either way (and the reference's: W + U = U + W, rho (Z - U) + B = B + rho (Z - U)).
+    Each iteration calls the public `mask_update`, `z_update`, `u_update`, `w_update`.
+    With ``reuse=True`` (`prune_layer`) they write into a fixed set of buffers (W, U, Z,
+    Z_prev, one scratch) through their ``out=``/``work=`` arguments instead of allocating:
+    on a CPU a fresh 180 MB tensor costs ~5x an in-place pass (page faults). Then a
+    yielded state is only valid until the next one. With ``reuse=False``
+    (`admm_iterates`) every state is fresh. Same operations, same rounding, either way
+    (and the reference's). W + U is formed twice (by z_update and u_update): one extra
+    elementwise pass per iteration, ~1/d_in of the GEMM's time, for updates that are
+    exactly the named functions.
     """
     M, mask_steps = _initial_mask(W0, live, sparsity, pattern, group, mask, mask_steps)
     kept = None if M is None else M.sum()
@@ -175,16 +185,15 @@ def _admm_steps(
     spare = None  # a buffer free for the next Z (reuse)
     for t in range(iters):
         if t < mask_steps:
-            s_t = cubic_sparsity(t + 1, mask_steps, sparsity)
-            M = _select(torch.add(Wk, U, out=tmp).abs_().mul_(live), s_t, pattern, group)
+            M = mask_update(Wk, U, live, cubic_sparsity(t + 1, mask_steps, sparsity), pattern, group,
+                            work=tmp)
             kept = M.sum()
-        WU = torch.add(Wk, U, out=U if reuse else None)
-        Z = torch.mul(WU, M, out=spare)                        # z-update: Z = (W + U) * M
-        U = WU.sub_(Z)                                         # u-update: U = U + W - Z
+        Z = z_update(Wk, U, M, out=spare)                      # z-update
+        U = u_update(U, Wk, Z, out=U if reuse else None)       # u-update
         primal = torch.linalg.vector_norm(torch.sub(Wk, Z, out=tmp))
         dual = rho * torch.linalg.vector_norm(torch.sub(Z, Z_prev, out=tmp))
-        R = torch.sub(Z, U, out=tmp).mul_(rho).add_(B)         # w-update: W = (B + rho (Z - U)) (G~ + rho I)^-1
-        Wk = torch.matmul(R, factor, out=Wk if reuse and Wk is not W0 else None)
+        Wk = w_update(factor, B, Z, U, rho, out=Wk if reuse and Wk is not W0 else None,
+                      work=tmp)                                # w-update
         obj = _objective(Z, W0, G) if track_objective else None
         yield _Step(t + 1, Wk, Z, U, M, kept, obj, primal, dual)
         if reuse and Z_prev is not W0:

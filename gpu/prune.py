@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from admm_prune.reference._checks import check_method, check_solver
-from admm_prune.reference.prune import DEFAULT_DAMP, IterationRecord, PruneResult
+from admm_prune.reference._checks import check_finish, check_method, check_solver
+from admm_prune.reference.prune import (
+    DEFAULT_DAMP, DEFAULT_POLISH_DAMP, IterationRecord, PolishRecord, PruneResult,
+)
 
-from ._checks import check_problem, compute_dtype, matmul_precision
+from ._checks import check_problem, check_result, compute_dtype
 from .admm import _admm_steps, _precondition_gram, factorize, z_update
-from .masks import _select
+from .linalg import matmul_precision
+from .masks import _select, magnitude_scores, wanda_scores
+from .polish import _polish_steps
 from .sparsegpt import _sweep, inverse_hessian_factor
 
 
@@ -34,24 +38,29 @@ def prune_layer(
     mask_steps: int = 15,
     mask: torch.Tensor | None = None,
     track_objective: bool = True,
+    polish_iters: int = 0,
+    polish_damp: float | None = None,
     allow_tf32: bool = False,
 ) -> PruneResult:
     """W^ = argmin ||X W^T - X W^^T||^2 over W^ = W^ * M, with M chosen by `method`.
 
-    As the reference's `prune_layer` (methods, mask, defaults, history), on W's device.
-    W may be fp16/bf16/fp32/fp64; the work is done in float64 if W or XtX is float64,
-    else in float32, and the result comes back in W's dtype (mask: bool, same device).
+    As the reference's `prune_layer` (methods, mask, defaults, history, the finish
+    `polish_iters`/`polish_damp` and its records in ``polish``), on W's device. W may be
+    fp16/bf16/fp32/fp64; the work is done in float64 if W or XtX is float64, else in
+    float32, and the result comes back in W's dtype (mask: bool, same device); a result
+    that does not fit W's dtype (fp16 overflows at 65504) raises a ValueError naming W.
+    Inputs are never modified and never aliased by the result.
 
     allow_tf32 : let float32 CUDA matmuls use TF32 (faster, ~1e-3 relative precision per
         product). Off by default: the call pins cuBLAS to IEEE fp32 and restores the
-        previous setting on return (`_checks.matmul_precision`). Not in the reference.
+        previous setting on return (`linalg.matmul_precision`). Not in the reference.
     track_objective : record the objective (one extra GEMM per iteration); residuals and
-        sparsity are always recorded.
+        sparsity are always recorded. The finish records its objective at no extra cost.
     """
     return prune_shared(
         [W], XtX, sparsity, method=method, pattern=pattern, group=group, rho=rho, damp=damp,
         iters=iters, mask_steps=mask_steps, mask=mask, track_objective=track_objective,
-        allow_tf32=allow_tf32,
+        polish_iters=polish_iters, polish_damp=polish_damp, allow_tf32=allow_tf32,
     )[0]
 
 
@@ -59,8 +68,9 @@ def prune_shared(Ws, XtX, sparsity, **kwargs) -> list[PruneResult]:
     """Prune several weights that read the same input (q/k/v, gate/up) with one XtX.
 
     One Gram preconditioning and one factorization for all of them (ADMM: G~ and
-    (G~ + rho I)^-1; SparseGPT: the inverse-Hessian factor); results equal `prune_layer`
-    on each. Keyword arguments as `prune_layer`'s. All inputs are checked before any work.
+    (G~ + rho I)^-1; SparseGPT: the inverse-Hessian factor; the finish: its G~ when its
+    damping differs from ADMM's); results equal `prune_layer` on each. Keyword arguments
+    as `prune_layer`'s. All inputs are checked before any work.
     """
     return _prune_shared(list(Ws), XtX, sparsity, **kwargs)
 
@@ -69,7 +79,8 @@ def prune_shared(Ws, XtX, sparsity, **kwargs) -> list[PruneResult]:
 def _prune_shared(
     Ws: list, XtX, sparsity, *, method: str = "admm-grad", pattern: str = "unstructured",
     group: str = "row", rho: float = 1.0, damp: float | None = None, iters: int = 20,
-    mask_steps: int = 15, mask=None, track_objective: bool = True, allow_tf32: bool = False,
+    mask_steps: int = 15, mask=None, track_objective: bool = True, polish_iters: int = 0,
+    polish_damp: float | None = None, allow_tf32: bool = False,
 ) -> list[PruneResult]:
     check_method(method)
     problems = []
@@ -77,54 +88,84 @@ def _prune_shared(
         problems.append(check_problem(W, problems[0].XtX if problems else XtX, sparsity, pattern,
                                       group, mask, gram_checked=bool(problems)))
     check_solver(rho, 0.0 if damp is None else damp, iters, 0 if mask is not None else mask_steps)
+    polish_damp = check_finish(method, polish_iters, polish_damp)
     if not problems:
         return []
     damp = DEFAULT_DAMP.get(method, 0.0) if damp is None else damp
+    if polish_damp is None:
+        polish_damp = damp if method in ("admm", "admm-grad") else DEFAULT_POLISH_DAMP
     shared = {}  # compute dtype -> what depends on XtX only
     results = []
     with matmul_precision(problems[0].W.device, allow_tf32):
         for p in problems:
             dtype = compute_dtype(p.W, p.XtX)
-            if dtype not in shared and method not in ("magnitude", "wanda"):
-                XtX_c = p.XtX.to(dtype)
-                if method == "sparsegpt":
-                    shared[dtype] = inverse_hessian_factor(XtX_c, damp)
-                else:
-                    G, scale, live = _precondition_gram(XtX_c, damp)
-                    shared[dtype] = (G, scale, live, factorize(G, rho))
-                del XtX_c
-            results.append(_prune_one(p, method, dtype, shared.get(dtype), pattern, group, rho,
-                                      iters, mask_steps, track_objective))
+            if dtype not in shared:
+                shared[dtype] = _shared(p.XtX, dtype, method, damp, rho, polish_iters, polish_damp)
+            results.append(_prune_one(p, method, dtype, shared[dtype], pattern, group, rho, iters,
+                                      mask_steps, track_objective, polish_iters))
     return results
 
 
-def _prune_one(p, method, dtype, shared, pattern, group, rho, iters, mask_steps, track_objective):
-    W_in = p.W
+def _shared(XtX, dtype, method, damp, rho, polish_iters, polish_damp) -> dict:
+    """What depends on XtX only, per compute dtype: ADMM's G~ and factor, SparseGPT's R,
+    the finish's G~ (ADMM's own when the dampings agree)."""
+    out = {}
+    if method in ("magnitude", "wanda") and not polish_iters:
+        return out
+    XtX_c = XtX.to(dtype)
+    if method == "sparsegpt":
+        out["sparsegpt"] = inverse_hessian_factor(XtX_c, damp)
+    elif method in ("admm", "admm-grad"):
+        G, scale, live = _precondition_gram(XtX_c, damp)
+        out["admm"] = (G, scale, live, factorize(G, rho))
+    if polish_iters:
+        same = "admm" in out and polish_damp == damp
+        out["polish"] = out["admm"][:3] if same else _precondition_gram(XtX_c, polish_damp)
+    return out
+
+
+def _prune_one(p, method, dtype, shared, pattern, group, rho, iters, mask_steps, track_objective,
+               polish_iters):
+    W = p.W.to(dtype)
+    history, W0, B = (), None, None
     if method in ("magnitude", "wanda"):
         if p.mask is None:
-            scores = torch.abs(W_in.to(dtype))  # the checked |W| and |W| ||X_j||, no re-check
-            if method == "wanda":
-                scores.mul_(torch.sqrt(p.XtX.diagonal().to(dtype))[None, :])
-            M = _select(scores, p.sparsity, pattern, group)
+            scores = magnitude_scores(W) if method == "magnitude" else wanda_scores(W, p.XtX)
+            M = _select(scores, p.sparsity, pattern, group)  # scores finite: W and XtX checked
+            del scores
         else:
-            M = p.mask
-        return PruneResult(W_in * M, M)
-    if method == "sparsegpt":
-        R, dead = shared
-        Wp, M = _sweep(W_in.to(dtype), R, dead, p.sparsity, p.nm, group, 128, p.mask)
-        return PruneResult(Wp.to(W_in.dtype), M)
-
-    G, scale, live, factor = shared
-    W0 = W_in.to(dtype) * scale[None, :]
-    records, state = [], None
-    for state in _admm_steps(
-        W0, G, live, factor, W0 @ G, p.sparsity, pattern, group, rho, iters,
-        mask_steps if method == "admm-grad" else 0, p.mask, track_objective, reuse=True,
-    ):
-        records.append(state._replace(W=None, Z=None, U=None, M=None))  # keep the scalars only
-    history = _history(records, W0.numel(), W0.device)
-    Z = z_update(state.W, state.U, state.M)  # exactly sparse (official code, final Z)
-    return PruneResult(Z.div_(scale[None, :]).to(W_in.dtype), state.M, history)
+            M = p.mask.clone()
+        W_hat = W * M
+    elif method == "sparsegpt":
+        R, dead = shared["sparsegpt"]
+        W_hat, M = _sweep(W, R, dead, p.sparsity, p.nm, group, 128, p.mask)
+    else:
+        G, scale, live, factor = shared["admm"]
+        W0 = W * scale[None, :]
+        B = W0 @ G
+        records, state = [], None
+        for state in _admm_steps(
+            W0, G, live, factor, B, p.sparsity, pattern, group, rho, iters,
+            mask_steps if method == "admm-grad" else 0, p.mask, track_objective, reuse=True,
+        ):
+            records.append(state._replace(W=None, Z=None, U=None, M=None))  # keep the scalars only
+        history = _history(records, W0.numel(), W0.device)
+        M = state.M
+        W_hat = z_update(state.W, state.U, M).div_(scale[None, :])  # exactly sparse (official code, final Z)
+        del state
+    polish = ()
+    if polish_iters:
+        G, scale, live = shared["polish"]
+        if W0 is None or shared.get("admm", (None,))[0] is not G:  # the finish's own damping
+            W0 = W * scale[None, :]
+            B = W0 @ G
+        steps, step = [], None
+        for step in _polish_steps(W0, G, live, B, M, W_hat.mul_(scale[None, :]), polish_iters,
+                                  reuse=True):
+            steps.append(step._replace(W=None, R=None, P=None))
+        W_hat = step.W.div_(scale[None, :])
+        polish = _polish_history(steps, W0.device)
+    return PruneResult(check_result(W_hat, p.W.dtype), M, history, polish)
 
 
 def _history(steps, numel: int, device) -> tuple[IterationRecord, ...]:
@@ -136,3 +177,10 @@ def _history(steps, numel: int, device) -> tuple[IterationRecord, ...]:
     rows = torch.stack(cols).tolist()
     return tuple(IterationRecord(s.k, obj, primal, dual, 1.0 - int(kept) / numel)
                  for s, (obj, primal, dual, kept) in zip(steps, rows))
+
+
+def _polish_history(steps, device) -> tuple[PolishRecord, ...]:
+    """The finish's device records as PolishRecords, with one host sync."""
+    rows = torch.stack([torch.stack([s.objective.double(), s.residual.double()])
+                        for s in steps]).tolist()
+    return tuple(PolishRecord(s.k, obj, res) for s, (obj, res) in zip(steps, rows))

@@ -17,7 +17,10 @@ import torch
 
 from admm_prune.reference.schedule import prune_count
 
-from ._checks import as_tensor, cholesky, compute_dtype
+from admm_prune.reference._checks import check_int, check_positive
+
+from ._checks import check_problem, compute_dtype
+from .linalg import cholesky
 from .masks import _prune_lowest, nm_protected
 
 
@@ -66,13 +69,15 @@ def _sweep(
     W: torch.Tensor, R: torch.Tensor, dead: torch.Tensor, sparsity: float | None,
     nm: tuple[int, int] | None, group: str, blocksize: int, mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The column sweep given the factor R; W is not modified."""
+    """The column sweep given the factor R; W and mask are not modified (nor aliased)."""
     d_out, d_in = W.shape
     if nm is not None:
         blocksize = max(nm[1], blocksize // nm[1] * nm[1])
-    Wt = W.T.contiguous()  # (d_in, d_out): column j of W is row j here
+    # (d_in, d_out): column j of W is row j here. A copy always: for d_out = 1 or d_in = 1,
+    # W.T is contiguous already and .contiguous() would return a view of the caller's W.
+    Wt = W.T.clone(memory_format=torch.contiguous_format)
     Mt = (torch.ones(d_in, d_out, dtype=torch.bool, device=W.device) if mask is None
-          else mask.T.contiguous())
+          else mask.T.clone(memory_format=torch.contiguous_format))
     for i1 in range(0, d_in, blocksize):
         i2 = min(i1 + blocksize, d_in)
         W1, M1, R1 = Wt[i1:i2], Mt[i1:i2], R[i1:i2, i1:i2]  # views: updated in place
@@ -101,7 +106,7 @@ def sparsegpt(
     W: torch.Tensor,
     XtX: torch.Tensor,
     sparsity: float | None,
-    nm: tuple[int, int] | None = None,
+    pattern: str = "unstructured",
     group: str = "row",
     damp: float = 0.01,
     blocksize: int = 128,
@@ -109,13 +114,12 @@ def sparsegpt(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """OBS column sweep; returns (pruned W, keep-mask). With `mask` given, only the update.
 
-    Unchecked, like the reference's (`prune_layer` checks); results in the compute dtype
+    As the reference's (checked inputs, W not modified); results in the compute dtype
     (float64 if W or XtX is, else float32) on W's device.
     """
-    W = as_tensor(W)
-    XtX = as_tensor(XtX, W.device)
-    dtype = compute_dtype(W, XtX)
-    R, dead = inverse_hessian_factor(XtX.to(dtype), damp)
-    if mask is not None:
-        mask = as_tensor(mask, W.device).to(torch.bool)
-    return _sweep(W.to(dtype), R, dead, sparsity, nm, group, blocksize, mask)
+    p = check_problem(W, XtX, sparsity, pattern, group, mask)
+    check_positive("damp", damp, allow_zero=True)
+    check_int("blocksize", blocksize, minimum=1)
+    dtype = compute_dtype(p.W, p.XtX)
+    R, dead = inverse_hessian_factor(p.XtX.to(dtype), damp)
+    return _sweep(p.W.to(dtype), R, dead, p.sparsity, p.nm, group, blocksize, p.mask)

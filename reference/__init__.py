@@ -10,11 +10,15 @@ the (d_in, d_in) Gram matrix of the layer's inputs; a mask is bool, True = kept.
 
 from ._checks import METHODS, parse_pattern
 from .admm import (
-    ADMMState, admm_iterates, factorize, mask_update, objective, precondition, u_update,
-    w_update, z_update,
+    ADMMState, CholeskyFactor, admm_iterates, factorize, mask_update, objective, precondition,
+    u_update, w_update, z_update,
 )
 from .masks import magnitude_scores, select_mask, wanda_scores
-from .prune import DEFAULT_DAMP, IterationRecord, PruneResult, prune_layer, prune_shared
+from .owl import outlier_ratio, owl_sparsities
+from .polish import PolishRecord, PolishState, cg_step, polish_iterates
+from .prune import (
+    DEFAULT_DAMP, DEFAULT_POLISH_DAMP, IterationRecord, PruneResult, prune_layer, prune_shared,
+)
 from .schedule import cubic_sparsity, prune_count
 from .solve import masked_lstsq, reconstruction_error
 from .sparsegpt import sparsegpt
@@ -26,10 +30,15 @@ __all__ = [
     # the ADMM equations
     "precondition", "factorize", "z_update", "u_update", "w_update", "mask_update",
     "objective", "admm_iterates",
+    # the finish on the support (conjugate gradient)
+    "cg_step", "polish_iterates",
+    # OWL per-block sparsity
+    "outlier_ratio", "owl_sparsities",
     # baselines and drivers
     "sparsegpt", "prune_layer", "prune_shared",
     # oracles
     "masked_lstsq", "reconstruction_error",
     # types and constants
-    "ADMMState", "IterationRecord", "PruneResult", "METHODS", "DEFAULT_DAMP",
+    "ADMMState", "CholeskyFactor", "IterationRecord", "PolishRecord", "PolishState",
+    "PruneResult", "METHODS", "DEFAULT_DAMP", "DEFAULT_POLISH_DAMP",
 ]

@@ -160,20 +160,51 @@ def check_mask_sparsity(mask: np.ndarray, sparsity: float, nm, group: str) -> No
         )
 
 
+def check_target(sparsity, pattern: str, group: str, d_in: int, *, with_mask: bool):
+    """The scalar half of `check_problem`: (sparsity s or None, N:M or None).
+
+    Shared by both backends (the torch twin checks its tensors, then calls this), so the
+    same bad value raises the same ValueError everywhere. With a mask, ``sparsity=None``
+    is allowed (the mask says it); without one, N:M implies s = 1 - N/M.
+    """
+    check_group(group)
+    nm = parse_pattern(pattern)
+    check_divisible(d_in, nm)
+    if with_mask:
+        return (None if sparsity is None else check_fraction("sparsity", sparsity)), nm
+    return resolve_sparsity(sparsity, nm, allow_none=False), nm
+
+
 def check_problem(W, XtX, sparsity, pattern, group, mask) -> Problem:
     """Validate one layer's inputs before any work (ValueError naming the argument)."""
     W = check_weights(W)
     XtX = check_gram(XtX, W.shape[1])
-    check_group(group)
-    nm = parse_pattern(pattern)
-    check_divisible(W.shape[1], nm)
+    s, nm = check_target(sparsity, pattern, group, W.shape[1], with_mask=mask is not None)
     if mask is not None:
         mask = check_mask(mask, W.shape)
-        s = None if sparsity is None else check_fraction("sparsity", sparsity)
         if s is not None:
             check_mask_sparsity(mask, s, nm, group)
-        return Problem(W, XtX, s, nm, mask)
-    return Problem(W, XtX, resolve_sparsity(sparsity, nm, allow_none=False), nm, None)
+    return Problem(W, XtX, s, nm, mask)
+
+
+def check_finish(method: str, polish_iters, polish_damp):
+    """`prune_layer`'s finish settings: K >= 0 steps, damping >= 0 or None; returns polish_damp."""
+    check_int("polish_iters", polish_iters, minimum=0)
+    if polish_iters and method == "magnitude":
+        raise ValueError("polish_iters needs the inputs' Gram XtX; method='magnitude' reads only "
+                         "the weights (use wanda, sparsegpt, admm or admm-grad)")
+    return None if polish_damp is None else check_positive("polish_damp", polish_damp, allow_zero=True)
+
+
+def check_result(W_hat: np.ndarray, dtype) -> np.ndarray:
+    """The pruned weights, refused (ValueError naming W) if they do not fit `dtype` finitely."""
+    out = np.asarray(W_hat).astype(dtype, copy=False)
+    if not np.all(np.isfinite(out)):
+        big = float(np.max(np.abs(W_hat[np.isfinite(W_hat)]), initial=0.0))
+        raise ValueError(
+            f"W: the pruned weights do not fit {np.dtype(dtype).name} (largest finite |value| "
+            f"{big:.3g}); prune a float32/float64 copy of W, or rescale it")
+    return out
 
 
 def check_solver(rho, damp, iters, mask_steps) -> None:

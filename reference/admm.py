@@ -17,8 +17,10 @@ updates, in the official code's order:
     U = U + W - Z                                         u_update
     W = (W0 G~ + rho (Z - U)) (G~ + rho I)^-1             w_update
 
-``G~ + rho I`` is factorized once (Cholesky). ADMM-Grad re-selects M from |W + U| on the
-cubic schedule during the first `mask_steps` iterations (``mask_update``).
+``G~ + rho I`` is factorized once (Cholesky; `factorize` returns an object whose
+``solve`` applies the inverse, the contract both backends share). ADMM-Grad re-selects M
+from |W + U| on the cubic schedule during the first `mask_steps` iterations
+(``mask_update``).
 
 Dead input features (diag(XtX) = 0) cannot change the objective. They get scale 1 (no
 division by zero), Wanda score 0 (so they are pruned before any live feature) and, where
@@ -84,14 +86,25 @@ def precondition(W: np.ndarray, XtX: np.ndarray, damp: float) -> Preconditioned:
     return Preconditioned(W * scale[None, :], G, scale, live)
 
 
-def factorize(G: np.ndarray, rho: float):
-    """L L^T = G~ + rho I, once per layer (``scipy.linalg.cho_factor``).
+class CholeskyFactor(NamedTuple):
+    """(G~ + rho I) factorized: ``solve(R)`` = R (G~ + rho I)^-1 for a (rows, d_in) R.
 
-    The result is opaque: only this backend's `w_update` consumes it. (The torch twin's
-    `factorize` returns the explicit inverse built from the same Cholesky factor, so that
-    its `w_update` is one GEMM; the per-layer role is the same, the object is not.)
+    The contract both backends' `factorize` return: an object whose ``solve`` applies the
+    inverse of G~ + rho I from the right. Here: the Cholesky factor and two triangular
+    solves per call; the torch twin (`gpu.linalg.InverseFactor`) keeps the explicit
+    inverse and applies it with one GEMM (its module has the measurements).
     """
-    return scipy.linalg.cho_factor(G + rho * np.eye(G.shape[0]), lower=True)
+
+    cho: tuple  # scipy.linalg.cho_factor's (L, lower)
+
+    def solve(self, R: np.ndarray) -> np.ndarray:
+        """R (G~ + rho I)^-1; the matrix is symmetric, so solve for R^T."""
+        return scipy.linalg.cho_solve(self.cho, R.T).T
+
+
+def factorize(G: np.ndarray, rho: float) -> CholeskyFactor:
+    """L L^T = G~ + rho I, once per layer; ``factorize(G, rho).solve(R)`` = R (G~ + rho I)^-1."""
+    return CholeskyFactor(scipy.linalg.cho_factor(G + rho * np.eye(G.shape[0]), lower=True))
 
 
 def z_update(W: np.ndarray, U: np.ndarray, M: np.ndarray) -> np.ndarray:
@@ -107,9 +120,9 @@ def u_update(U: np.ndarray, W: np.ndarray, Z: np.ndarray) -> np.ndarray:
 def w_update(factor, B: np.ndarray, Z: np.ndarray, U: np.ndarray, rho: float) -> np.ndarray:
     """W = (W0 G~ + rho (Z - U)) (G~ + rho I)^-1, with B = W0 G~ precomputed.
 
-    Solved with the cached Cholesky factor; G~ is symmetric, so solve for W^T.
+    `factor` is `factorize`'s: its ``solve`` applies (G~ + rho I)^-1 from the right.
     """
-    return scipy.linalg.cho_solve(factor, (B + rho * (Z - U)).T).T
+    return factor.solve(B + rho * (Z - U))
 
 
 def mask_update(
@@ -159,7 +172,7 @@ def admm_iterates(
     B = W0 @ G
     factor = factorize(G, rho)
     if mask is not None:
-        M, mask_steps = np.asarray(mask, bool), 0
+        M, mask_steps = np.array(mask, bool), 0  # a copy: the states never alias the caller's mask
     elif mask_steps == 0:
         M = mask_update(W0, np.zeros_like(W0), live, sparsity, pattern, group)
     Wk, U, Z_prev = W0.copy(), np.zeros_like(W0), W0

@@ -7,13 +7,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._checks import check_method, check_problem, check_solver
+from ._checks import check_finish, check_method, check_problem, check_result, check_solver
 from .admm import admm_iterates, z_update
 from .masks import magnitude_scores, select_mask, wanda_scores
+from .polish import PolishRecord, polish_iterates
 from .sparsegpt import sparsegpt
 
 #: damping used when ``damp=None``: the official ADMM code's 0.1, SparseGPT's own 0.01
 DEFAULT_DAMP = {"admm": 0.1, "admm-grad": 0.1, "sparsegpt": 0.01}
+#: damping of the finish when ``polish_damp=None`` after wanda or sparsegpt (after admm and
+#: admm-grad it is their own `damp`: the finish then solves the very problem ADMM solves)
+DEFAULT_POLISH_DAMP = 0.1
 
 
 class IterationRecord(NamedTuple):
@@ -28,11 +32,14 @@ class IterationRecord(NamedTuple):
 
 @dataclass(frozen=True)
 class PruneResult:
-    """Pruned weights W (d_out, d_in), keep-mask (True = kept), ADMM history (else empty)."""
+    """Pruned weights W (d_out, d_in), keep-mask (True = kept), ADMM history (else empty),
+    the finish's records k = 0..polish_iters (empty without a finish; k = 0 is the method's
+    own result, so ``polish[0].objective`` vs ``polish[-1].objective`` is what it gained)."""
 
     W: np.ndarray
     mask: np.ndarray
     history: tuple[IterationRecord, ...] = ()
+    polish: tuple[PolishRecord, ...] = ()
 
 
 def prune_layer(
@@ -49,6 +56,8 @@ def prune_layer(
     mask_steps: int = 15,
     mask: np.ndarray | None = None,
     track_objective: bool = True,
+    polish_iters: int = 0,
+    polish_damp: float | None = None,
 ) -> PruneResult:
     """W^ = argmin ||X W^T - X W^^T||^2 over W^ = W^ * M, with M chosen by `method`.
 
@@ -71,36 +80,54 @@ def prune_layer(
     damp : damping lambda of G = XtX + lambda diag(XtX) (ADMM, default 0.1) or of
         H + lambda mean(diag H) I (SparseGPT, default 0.01).
     track_objective : record the objective in the history (one extra product per iteration).
+    polish_iters : K steps of the finish on the final mask (`polish.polish_iterates`: CG on
+        the masked normal equations, warm-started from the method's weights), for every
+        method that reads XtX (wanda, sparsegpt, admm, admm-grad). 0 (default) is the
+        paper's method exactly; K -> infinity gives `masked_lstsq` on the method's mask.
+    polish_damp : lambda of the finish's G = XtX + lambda diag(XtX); None: `damp` after
+        admm/admm-grad, DEFAULT_POLISH_DAMP (0.1) after wanda/sparsegpt.
 
-    Returns float64 arrays; the output is exactly zero outside the mask.
+    Returns float64 arrays; the output is exactly zero outside the mask. Inputs are never
+    modified and never aliased by the result.
     """
     check_method(method)
     p = check_problem(W, XtX, sparsity, pattern, group, mask)
     check_solver(rho, 0.0 if damp is None else damp, iters, 0 if mask is not None else mask_steps)
+    polish_damp = check_finish(method, polish_iters, polish_damp)
     damp = DEFAULT_DAMP.get(method, 0.0) if damp is None else damp
     W, XtX = np.asarray(p.W, np.float64), np.asarray(p.XtX, np.float64)
 
+    history = ()
     if method in ("magnitude", "wanda"):
         if p.mask is None:
             scores = magnitude_scores(W) if method == "magnitude" else wanda_scores(W, XtX)
             M = select_mask(scores, p.sparsity, pattern, group)
         else:
-            M = p.mask
-        return PruneResult(W * M, M)
-    if method == "sparsegpt":
-        Wp, M = sparsegpt(W, XtX, p.sparsity, p.nm, group, damp=damp, mask=p.mask)
-        return PruneResult(Wp, M)
+            M = p.mask.copy()
+        W_hat = W * M
+    elif method == "sparsegpt":
+        W_hat, M = sparsegpt(W, XtX, p.sparsity, pattern, group, damp=damp, mask=p.mask)
+    else:
+        records, state = [], None
+        for state in admm_iterates(
+            W, XtX, p.sparsity, pattern=pattern, group=group, rho=rho, damp=damp, iters=iters,
+            mask_steps=mask_steps if method == "admm-grad" else 0, mask=p.mask,
+            track_objective=track_objective,
+        ):
+            records.append(IterationRecord(state.k, state.objective, state.primal_residual,
+                                           state.dual_residual, state.sparsity))
+        Z = z_update(state.W, state.U, state.M)  # exactly sparse (official code, final Z)
+        W_hat, M, history = Z / state.scale[None, :], state.M, tuple(records)
 
-    history, state = [], None
-    for state in admm_iterates(
-        W, XtX, p.sparsity, pattern=pattern, group=group, rho=rho, damp=damp, iters=iters,
-        mask_steps=mask_steps if method == "admm-grad" else 0, mask=p.mask,
-        track_objective=track_objective,
-    ):
-        history.append(IterationRecord(state.k, state.objective, state.primal_residual,
-                                       state.dual_residual, state.sparsity))
-    Z = z_update(state.W, state.U, state.M)  # exactly sparse (official code, final Z)
-    return PruneResult(Z / state.scale[None, :], state.M, tuple(history))
+    polish = ()
+    if polish_iters:
+        if polish_damp is None:
+            polish_damp = damp if method in ("admm", "admm-grad") else DEFAULT_POLISH_DAMP
+        records, state = [], None
+        for state in polish_iterates(W, XtX, M, W_hat, damp=polish_damp, iters=polish_iters):
+            records.append(PolishRecord(state.k, state.objective, state.residual))
+        W_hat, polish = state.W / state.scale[None, :], tuple(records)
+    return PruneResult(check_result(W_hat, np.float64), M, history, polish)
 
 
 def prune_shared(Ws, XtX, sparsity, **kwargs) -> list[PruneResult]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._checks import check_int, check_positive, check_problem
 from .masks import _prune_lowest, nm_protected
 from .schedule import prune_count
 
@@ -44,16 +45,24 @@ def sparsegpt(
     W: np.ndarray,
     XtX: np.ndarray,
     sparsity: float | None,
-    nm: tuple[int, int] | None = None,
+    pattern: str = "unstructured",
     group: str = "row",
     damp: float = 0.01,
     blocksize: int = 128,
     mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """OBS column sweep; returns (pruned W, keep-mask). With `mask` given, only the update."""
-    W = np.array(W, dtype=np.float64)
+    """OBS column sweep; returns (pruned W, keep-mask). With `mask` given, only the update.
+
+    Arguments as `prune_layer`'s (``sparsity=None`` for N:M or with `mask`); `damp` is the
+    isotropic damping of H + damp mean(diag H) I. Inputs are checked; W is not modified.
+    """
+    p = check_problem(W, XtX, sparsity, pattern, group, mask)
+    check_positive("damp", damp, allow_zero=True)
+    check_int("blocksize", blocksize, minimum=1)
+    sparsity, nm, mask = p.sparsity, p.nm, p.mask
+    W = np.array(p.W, dtype=np.float64)
     d_out, d_in = W.shape
-    R, dead = inverse_hessian_factor(XtX, damp)
+    R, dead = inverse_hessian_factor(p.XtX, damp)
     if nm is not None:
         blocksize = max(nm[1], blocksize // nm[1] * nm[1])
     M = np.ones_like(W, dtype=bool) if mask is None else np.array(mask, dtype=bool)

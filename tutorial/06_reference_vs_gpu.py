@@ -41,8 +41,10 @@ import admm_prune.reference as R
 # ## 6.1 The contract: the same names and parameters
 #
 # Every public function of the reference has a twin in `gpu` whose parameters start with the
-# reference's, in the same order (the test suite enforces it; here we just look). The only
-# addition is `allow_tf32` on `prune_layer`.
+# reference's, in the same order (the test suite enforces it; here we just look). The twins
+# add only trailing keyword-only options: `allow_tf32` on `prune_layer`/`prune_shared`'s
+# keywords, and `out=`/`work=` buffers on the step functions, which the fast loops pass so
+# that an iteration allocates nothing.
 
 # %%
 print(f"{'function':>20}  extra parameters of the twin")
@@ -57,22 +59,25 @@ for name in R.__all__:
     print(f"{name:>20}  {', '.join(p_gpu[len(p_ref):]) or '-'}")
 
 # %% [markdown]
-# One contract differs behind the same name, and it matters if you call the step functions
-# yourself: the reference's `factorize` returns a Cholesky factor (`w_update` then does two
-# triangular solves), while the twin's returns the explicit inverse of $\tilde G + \rho I$
-# (`w_update` is then one matrix product; `gpu/admm.py` explains why). The two `factor`
-# objects are not interchangeable; each backend's `w_update` takes its own.
+# One contract, two implementations behind it: `factorize` returns an object whose
+# `solve(R)` is $R(\tilde G + \rho I)^{-1}$ on both backends. The reference's
+# (`CholeskyFactor`) keeps the Cholesky factor and does two triangular solves per call; the
+# twin's (`InverseFactor`) keeps the explicit inverse and does one matrix product
+# (`gpu/admm.py` explains why). `w_update` only calls `factor.solve`.
 
 # %%
 d_out, d_in = (32, 64) if FAST else (384, 768)
 W, XtX, _ = outlier_layer(4, d_out, d_in)
 Wt, XtXt = torch.from_numpy(W), torch.from_numpy(XtX)  # float64 tensors, sharing memory
 pre = R.precondition(W, XtX, 0.1)
-inv = G.factorize(torch.from_numpy(pre.G), 1.0)
-np.testing.assert_allclose(inv.numpy() @ (pre.G + np.eye(d_in)), np.eye(d_in), atol=1e-10)
-L, lower = R.factorize(pre.G, 1.0)
-print(f"reference factor: {type(L).__name__} {L.shape} (Cholesky, lower={lower}); "
-      f"gpu factor: {type(inv).__name__} {tuple(inv.shape)} (inverse)")
+f_gpu = G.factorize(torch.from_numpy(pre.G), 1.0)
+f_ref = R.factorize(pre.G, 1.0)
+Rhs = np.random.default_rng(0).normal(size=(3, d_in))
+np.testing.assert_allclose(f_gpu.solve(torch.from_numpy(Rhs)).numpy() @ (pre.G + np.eye(d_in)), Rhs,
+                           atol=1e-10)
+np.testing.assert_allclose(f_ref.solve(Rhs), f_gpu.solve(torch.from_numpy(Rhs)).numpy(), atol=1e-12)
+print(f"reference factor: {type(f_ref).__name__} (Cholesky); "
+      f"gpu factor: {type(f_gpu).__name__} {tuple(f_gpu.inverse.shape)} (inverse)")
 
 # %% [markdown]
 # ## 6.2 float64: the same numbers
