@@ -15,10 +15,12 @@ lm-eval is the optional extra ``eval``: ``pip install 'admm-prune[eval]'``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import numbers
 import random
+import sys
 import tempfile
 from pathlib import Path
 
@@ -41,7 +43,19 @@ SPLIT_FIELDS = {"train": "training_split", "validation": "validation_split", "te
 
 
 class ZeroShotError(ValueError):
-    """A zero-shot request that cannot run: unknown task, missing data file, lm-eval not installed."""
+    """A zero-shot request that cannot run: unknown task, missing or malformed data file, lm-eval
+    not installed."""
+
+
+class DocumentError(ZeroShotError):
+    """A document that ``tasks/utils.py`` cannot convert: document `index` of data split `split`.
+
+    `_load` says which file and line that is.
+    """
+
+    def __init__(self, message, split=None, index=None):
+        super().__init__(message)
+        self.split, self.index = split, index
 
 
 class _TemplateLoader(yaml.SafeLoader):
@@ -97,17 +111,110 @@ def _task_config(name, data_dir):
     return config
 
 
-def _load(names, data_dir):
+def _load(names, data_dir, progress=True):
     """(task manager, {name: lm-eval Task}) for the checked `names`, documents loaded."""
     lm_eval = _lm_eval()
     configs = {name: _task_config(name, data_dir) for name in names}  # every file checked before loading
+    loaded = {}
     # _global_rng_kept: lm-eval draws from Python's global RNG on each Task.task_name read.
-    with tempfile.TemporaryDirectory(prefix="admm_zeroshot_") as folder, _global_rng_kept():
+    with tempfile.TemporaryDirectory(prefix="admm_zeroshot_") as folder, _global_rng_kept(), \
+            _progress_bars(progress):
         for name, config in configs.items():
             (Path(folder) / f"{TASK_PREFIX}{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         manager = lm_eval.tasks.TaskManager(include_path=folder, include_defaults=False)
-        loaded = manager.load([TASK_PREFIX + name for name in names])["tasks"]
-    return manager, {name: loaded[TASK_PREFIX + name] for name in names}
+        for name in names:  # one at a time, so that a bad file is named with its task
+            with _file_errors(name, configs[name]["dataset_kwargs"]["data_files"]):
+                loaded[name] = manager.load([TASK_PREFIX + name])["tasks"][TASK_PREFIX + name]
+    return manager, loaded
+
+
+@contextlib.contextmanager
+def _file_errors(name, files):
+    """A task file that `datasets` cannot read, or whose document ``tasks/utils.py`` refuses,
+    becomes a one-line ZeroShotError naming the file (and the line, where known)."""
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        yield
+    except DocumentError as error:
+        path = files.get(str(error.split)) if error.split is not None else None
+        if path is None or error.index is None:
+            raise ZeroShotError(f"{name}: {' or '.join(files.values())}: {error}") from None
+        raise ZeroShotError(f"{name}: {path}: {_where(path, error.index)}: {error}") from None
+    except (DatasetGenerationError, ValueError) as error:  # ValueError: pyarrow's, datasets' own
+        cause = error.__cause__ or error
+        for path in files.values():
+            bad_line = _first_bad_json_line(path)
+            if bad_line is not None:
+                raise ZeroShotError(f"{name}: {path}: line {bad_line} is not a JSON object") from None
+        raise ZeroShotError(f"{name}: cannot read {' or '.join(files.values())} "
+                            f"({type(cause).__name__}: {cause})") from None
+
+
+def _where(path, index):
+    """'line N' of document `index` (0-based) in a JSON-lines file, else 'row N'."""
+    if str(path).endswith(".jsonl"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            records = (number for number, line in enumerate(f, 1) if line.strip())
+            line = next((n for i, n in enumerate(records) if i == index), None)
+        if line is not None:
+            return f"line {line}"
+    return f"row {index + 1}"
+
+
+def _first_bad_json_line(path):
+    """Number of the first non-blank line of a ``.jsonl`` file that is not a JSON object, else None."""
+    if not str(path).endswith(".jsonl"):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    if not isinstance(json.loads(line), dict):
+                        return number
+                except json.JSONDecodeError:
+                    return number
+    return None
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled):
+    """lm-eval's and datasets' progress bars shown or not for the duration; nothing changed after.
+
+    lm-eval 0.4 draws its bars with the ``tqdm`` each of its modules imports (requests being
+    built, HFLM's log-likelihoods) and has no switch for them, so while disabled those module
+    attributes are a ``tqdm`` that is always disabled; datasets' own bars (files read, maps)
+    have a switch, whose previous state is restored.
+    """
+    if enabled:
+        yield
+        return
+    import tqdm as tqdm_package
+    import tqdm.auto
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    quiet = {cls: type(cls.__name__, (cls,), {"__init__": _disabled_init(cls)})
+             for cls in {tqdm_package.tqdm, tqdm.auto.tqdm}}
+    patched = [(module, cls) for name, module in list(sys.modules.items())
+               if name.split(".")[0] == "lm_eval" and (cls := getattr(module, "tqdm", None)) in quiet]
+    datasets_bars_were_on = not are_progress_bars_disabled()
+    try:
+        for module, cls in patched:
+            module.tqdm = quiet[cls]
+        disable_progress_bars()
+        yield
+    finally:
+        for module, cls in patched:
+            module.tqdm = cls
+        if datasets_bars_were_on:
+            enable_progress_bars()
+
+
+def _disabled_init(cls):
+    def __init__(self, *args, **kwargs):
+        cls.__init__(self, *args, **{**kwargs, "disable": True})
+
+    return __init__
 
 
 def load_tasks(tasks, data_dir):
@@ -150,7 +257,8 @@ def _on_device(model, device):
         model.to(home)
 
 
-def run_zeroshot(model, tokenizer, tasks, data_dir, *, limit=None, batch_size=1, device=None, num_fewshot=0):
+def run_zeroshot(model, tokenizer, tasks, data_dir, *, limit=None, batch_size=1, device=None, num_fewshot=0,
+                 progress=True):
     """Accuracy of `model` on `tasks`, scored by lm-eval on the files under `data_dir`.
 
     Parameters
@@ -162,6 +270,7 @@ def run_zeroshot(model, tokenizer, tasks, data_dir, *, limit=None, batch_size=1,
     batch_size : lm-eval's batch size (an int, or "auto").
     device : where to run; the model is moved there and back afterwards (None: where it is).
     num_fewshot : examples in each prompt (0, as in the papers).
+    progress : show lm-eval's and datasets' progress bars (False: none, only for this call).
 
     Returns ``{"tasks": {name: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr",] "n",
     "split"}}, "mean_acc": mean of the tasks' acc, "lm_eval_version", "num_fewshot", "limit"}``.
@@ -174,8 +283,8 @@ def run_zeroshot(model, tokenizer, tasks, data_dir, *, limit=None, batch_size=1,
     lm_eval = _lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    manager, loaded = _load(names, data_dir)
-    with _on_device(model, device), _global_rng_kept():
+    manager, loaded = _load(names, data_dir, progress)
+    with _on_device(model, device), _global_rng_kept(), _progress_bars(progress):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         output = lm_eval.simple_evaluate(
             model=lm, tasks=[loaded[name] for name in names], num_fewshot=num_fewshot, limit=limit,

@@ -283,3 +283,52 @@ def test_missing_lm_eval_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` fail
     with pytest.raises(ZeroShotError, match=r"pip install 'admm-prune\[eval\]'"):
         run_zeroshot(None, None, ["rte"], tmp_path)
+
+
+# --- bad task files and quiet runs -------------------------------------------------------------
+
+def _boolq_file(root, answers):
+    (root / "boolq").mkdir(exist_ok=True)
+    rows = [{"question": f"q{i}", "title": "t", "passage": "p", "answer": a} for i, a in enumerate(answers)]
+    (root / "boolq" / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "boolq" / "dev.jsonl"
+
+
+def test_boolq_labels_in_their_common_spellings(tmp_path):
+    """SuperGLUE exports write the answer as text; the BoolQ release as booleans."""
+    _boolq_file(tmp_path, ["true", "False", "yes", "NO", 1, 0, True, False, " 1 "])
+    docs = load_tasks("boolq", tmp_path)["boolq"].eval_docs
+    assert [d["label"] for d in docs] == [1, 0, 1, 0, 1, 0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("bad", ["maybe", 2, None, 1.5])
+def test_boolq_bad_label_names_file_and_line(tmp_path, bad):
+    path = _boolq_file(tmp_path, [True, "false", bad])
+    with pytest.raises(ZeroShotError) as error:
+        load_tasks("boolq", tmp_path)
+    assert str(error.value).startswith(f"boolq: {path}: line 3: answer {bad!r} is not a boolean")
+
+
+def test_malformed_task_file_names_file_and_line(tmp_path):
+    (tmp_path / "rte").mkdir()
+    good = {"premise": "a", "hypothesis": "b", "label": "entailment", "idx": 0}
+    (tmp_path / "rte" / "val.jsonl").write_text(json.dumps(good) + "\n\n" + '{"premise": broken\n')
+    with pytest.raises(ZeroShotError) as error:
+        load_tasks("rte", tmp_path)
+    assert str(error.value) == f"rte: {tmp_path / 'rte' / 'val.jsonl'}: line 3 is not a JSON object"
+
+
+def test_no_progress_silences_lm_eval_and_datasets_bars(data_dir, capfd):
+    """progress=False: no bar from lm-eval (requests, log-likelihoods) or datasets, and both as before after."""
+    from datasets.utils import are_progress_bars_disabled
+    from lm_eval.api import task as lm_eval_task
+    from tqdm import tqdm
+
+    model, tokenizer = tiny_model("llama")
+    bars_before = are_progress_bars_disabled()
+    for progress in (True, False):
+        capfd.readouterr()
+        run_zeroshot(model, tokenizer, ["rte"], data_dir, limit=2, device="cpu", progress=progress)
+        err = capfd.readouterr().err
+        assert ("%|" in err) == progress, err
+    assert lm_eval_task.tqdm is tqdm and are_progress_bars_disabled() == bars_before

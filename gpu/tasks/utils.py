@@ -14,8 +14,14 @@ from pathlib import Path
 
 import datasets
 
+# One class for `zeroshot` to catch: lm-eval loads this file as a module of its own.
+from admm_prune.gpu.zeroshot import DocumentError
+
 # GLUE/SuperGLUE RTE label ids (nyu-mll/glue "rte", aps/super_glue "rte"): 0 = entailment.
 RTE_LABELS = ("entailment", "not_entailment")
+# BoolQ answers as the releases write them: booleans (the BoolQ release), 1/0 (SuperGLUE), or
+# their spellings as text (some SuperGLUE exports write "true"/"false").
+BOOLQ_LABELS = {"true": 1, "false": 0, "yes": 1, "no": 0, "1": 1, "0": 0}
 # An OpenBookQA TSV "Choices" cell: "(A) text (B) text (C) text (D) text".
 _OBQA_CHOICE = re.compile(r"\(([A-Z])\) (.*?)(?= \([A-Z]\) |$)")
 
@@ -24,15 +30,15 @@ def rte_docs(dataset: datasets.Dataset) -> datasets.Dataset:
     """SuperGLUE RTE jsonl (premise, hypothesis, label name, idx) -> GLUE RTE docs
     (sentence1, sentence2, label id, idx)."""
 
-    def convert(doc):
+    def convert(doc, index):
         label = doc["label"]
         if isinstance(label, str):
             if label not in RTE_LABELS:
-                raise ValueError(f"RTE label {label!r} is not one of {RTE_LABELS}")
+                raise DocumentError(f"label {label!r} is not one of {RTE_LABELS}", dataset.split, index)
             label = RTE_LABELS.index(label)
         return {"sentence1": doc["premise"], "sentence2": doc["hypothesis"], "label": int(label), "idx": doc["idx"]}
 
-    return dataset.map(convert, remove_columns=dataset.column_names)
+    return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names)
 
 
 def boolq_docs(dataset: datasets.Dataset) -> datasets.Dataset:
@@ -41,9 +47,22 @@ def boolq_docs(dataset: datasets.Dataset) -> datasets.Dataset:
     key = "answer" if "answer" in dataset.column_names else "label"
 
     def convert(doc, idx):
-        return {"question": doc["question"], "passage": doc["passage"], "idx": idx, "label": int(doc[key])}
+        return {"question": doc["question"], "passage": doc["passage"], "idx": idx,
+                "label": boolq_label(doc[key], dataset.split, idx)}
 
     return dataset.map(convert, with_indices=True, remove_columns=dataset.column_names)
+
+
+def boolq_label(value, split=None, index=None) -> int:
+    """A BoolQ answer as 1 (yes) or 0 (no): a boolean, 1/0, or true/false, yes/no, 1/0 as text in
+    any case. Anything else raises `DocumentError` for document `index` of `split`."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int) and value in (0, 1):
+        return value
+    if isinstance(value, str) and value.strip().lower() in BOOLQ_LABELS:
+        return BOOLQ_LABELS[value.strip().lower()]
+    raise DocumentError(f"answer {value!r} is not a boolean (true/false, yes/no or 1/0)", split, index)
 
 
 def arc_docs(dataset: datasets.Dataset) -> datasets.Dataset:
