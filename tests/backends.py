@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import types
 
 import numpy as np
 
@@ -56,6 +57,8 @@ def _torch_converters():
             return type(x)(*(back(v) for v in x))
         if isinstance(x, (list, tuple)):
             return type(x)(back(v) for v in x)
+        if isinstance(x, types.GeneratorType):  # admm_iterates, polish_iterates: state by state
+            return (back(v) for v in x)
         return x
 
     return to, back

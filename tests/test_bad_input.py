@@ -38,6 +38,10 @@ BAD = [
     (dict(damp=-1.0), "damp"),
     (dict(iters=0), "iters"),
     (dict(mask_steps=30), "mask_steps"),
+    (dict(polish_iters=-1), "polish_iters"),
+    (dict(polish_iters=1.5), "polish_iters"),
+    (dict(method="magnitude", polish_iters=2), "polish_iters"),
+    (dict(polish_iters=2, polish_damp=-0.1), "polish_damp"),
 ]
 
 

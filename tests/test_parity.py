@@ -256,6 +256,69 @@ def test_prune_shared_shares_and_equals_separate(method, monkeypatch):
                [(h.k, h.sparsity, h.primal_residual) for h in alone.history]
 
 
+@given(layer=layers(), sparsity=st.sampled_from([0.0, 0.3, 0.6]),
+       method=st.sampled_from(["wanda", "sparsegpt", "admm", "admm-grad"]),
+       group=st.sampled_from(["row", "layer"]), polish_iters=st.integers(1, 8),
+       polish_damp=st.sampled_from([None, 0.0, 1.0]))
+def test_finish_matches_reference(layer, sparsity, method, group, polish_iters, polish_damp):
+    """prune_layer(..., polish_iters=K): same weights and the same records of the finish."""
+    pattern, W, XtX = layer
+    kw = dict(method=method, pattern=pattern, group=group, iters=4, mask_steps=3,
+              polish_iters=polish_iters, polish_damp=polish_damp)
+    s = _sparsity(sparsity, pattern)
+    ref = R.prune_layer(W, XtX, s, **kw)
+    out = G.prune_layer(t(W), t(XtX), s, **kw)
+    np.testing.assert_array_equal(n(out.mask), ref.mask)
+    assert rel_err(out.W, ref.W) < RTOL
+    res_scale, obj_scale = scales(W, XtX, 0.1 if polish_damp is None else polish_damp)
+    assert len(out.polish) == len(ref.polish) == polish_iters + 1
+    for a, b in zip(out.polish, ref.polish):
+        assert a.k == b.k
+        assert abs(a.objective - b.objective) <= RTOL * (abs(b.objective) + obj_scale), (a, b)
+        assert abs(a.residual - b.residual) <= RTOL * (abs(b.residual) + res_scale), (a, b)
+
+
+@given(seed=st.integers(0, 2**16), d_out=st.integers(1, 6), d_in=st.integers(1, 30),
+       damp=st.sampled_from([0.0, 0.1]), iters=st.integers(0, 10), dead=st.integers(0, 2))
+def test_polish_iterates_and_cg_step(seed, d_out, d_in, damp, iters, dead):
+    W, XtX, _ = outlier_layer(seed, d_out, d_in, dead=min(dead, d_in))
+    rng = np.random.default_rng(seed)
+    M, start = rng.random(W.shape) < 0.6, rng.normal(size=W.shape)
+    ref = list(R.polish_iterates(W, XtX, M, start, damp=damp, iters=iters))
+    out = list(G.polish_iterates(t(W), t(XtX), t(M), t(start), damp=damp, iters=iters))
+    floor = float(np.linalg.norm(start * M)) + float(np.linalg.norm(W))
+    for a, b in zip(out, ref):
+        assert rel_err(a.W, b.W, floor=floor) < RTOL, a.k
+        assert a.objective == pytest.approx(b.objective, rel=RTOL, abs=RTOL * (abs(ref[0].objective) + 1))
+    pre = R.precondition(W, XtX, damp)
+    S = M & pre.live[None, :]
+    B = pre.W @ pre.G
+    args = [pre.W * M, (pre.W * M) @ pre.G, (B - (pre.W * M) @ pre.G) * S, start * S, B, pre.G, S]
+    for a, b in zip(G.cg_step(*map(t, args)), R.cg_step(*args)):
+        assert rel_err(a, b, floor=floor) < RTOL
+
+
+def test_finish_loop_is_the_public_cg_step_composed():
+    """prune_layer's finish (buffers reused, cg_step(out=...)) == polish_iterates, bit for bit."""
+    W, XtX, _ = outlier_layer(9, 5, 24, dead=2)
+    for method in ("wanda", "admm-grad"):
+        r0 = G.prune_layer(t(W), t(XtX), 0.5, method=method)
+        r = G.prune_layer(t(W), t(XtX), 0.5, method=method, polish_iters=5)
+        last = list(G.polish_iterates(t(W), t(XtX), r0.mask, r0.W, damp=0.1, iters=5))[-1]
+        assert torch.equal(last.W / last.scale, r.W)
+
+
+def test_prune_shared_with_finish_equals_separate():
+    W1, XtX, _ = outlier_layer(1, 8, 32)
+    Ws = [t(W1), t(np.random.default_rng(2).normal(size=(12, 32)))]
+    for kw in (dict(method="admm-grad", polish_iters=4), dict(method="sparsegpt", polish_iters=3),
+               dict(method="admm", polish_iters=2, polish_damp=0.5)):
+        for W, r in zip(Ws, G.prune_shared(Ws, t(XtX), 0.5, **kw)):
+            alone = G.prune_layer(W, t(XtX), 0.5, **kw)
+            assert torch.equal(r.mask, alone.mask) and torch.equal(r.W, alone.W)
+            assert r.polish == alone.polish
+
+
 def test_cholesky_failure_adds_damping_and_warns(caplog):
     """A singular G~ + rho I (rho far below rounding) and a singular Hessian (damp 0, fewer
     tokens than features) still factorize: more damping, and a logged warning."""
