@@ -195,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Config fields that are also everyday words in error messages ("the model's limit of ...").
+_NOT_FLAGS = {"model", "limit"}
+
+
+def flag_names(message: str, parser: argparse.ArgumentParser) -> str:
+    """A config error as the command line says it: field names become the flags that set them
+    ("out x exists; pass overwrite" -> "--out x exists; pass --overwrite"); paths are left alone."""
+    flags = {a.dest: max(a.option_strings, key=len) for a in parser._actions
+             if a.option_strings and a.dest not in _NOT_FLAGS}
+    pattern = r"(?<![\w/.\\-])(" + "|".join(sorted(map(re.escape, flags), key=len, reverse=True)) + r")(?![\w/.\\-])"
+    return re.sub(pattern, lambda m: flags[m[1]], message)
+
+
 def _user_errors() -> tuple[type, ...]:
     from . import data, models, pipeline, zeroshot
 
@@ -216,7 +229,8 @@ def _run(command: str, options: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "datasets", "urllib3", "filelock", "huggingface_hub"):
@@ -230,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         with logging_redirect_tqdm():  # log lines above the live progress bars, not glued onto them
             result = _run(command, options)
     except _user_errors() as e:
-        print(f"admm-prune: error: {e}", file=sys.stderr)
+        from .pipeline import PipelineError  # configuration errors name fields; say flags
+
+        subparser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+        message = flag_names(str(e), subparser) if isinstance(e, PipelineError) else str(e)
+        print(f"admm-prune: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as e:  # the pipeline's own interrupts say what is on disk
         print(f"admm-prune: interrupted; {e}" if str(e) else "admm-prune: interrupted", file=sys.stderr)

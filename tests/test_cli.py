@@ -98,6 +98,44 @@ def test_any_bad_flag_is_one_line(capsys):
         assert len(err.strip().splitlines()) == 1 and "error:" in err, err
 
 
+@pytest.mark.parametrize("command, config", [("prune", "PruneConfig"), ("eval", "EvalConfig"),
+                                             ("bench", "BenchConfig")])
+def test_every_flag_sets_a_config_field(command, config):
+    """The CLI only parses flags into the frozen config: each flag's dest is one of its fields."""
+    import dataclasses
+
+    from admm_prune.gpu import bench, pipeline
+
+    fields = {f.name for f in dataclasses.fields(getattr(bench if command == "bench" else pipeline, config))}
+    dests = {a.dest for a in _subparsers()[command]._actions if a.dest not in ("help", "verbose")}
+    if command == "bench":
+        dests.discard("offload_activations")  # shared flag; bench keeps activations where they are
+    assert dests <= fields, dests - fields
+
+
+@pytest.mark.parametrize("command, message, said", [
+    ("prune", "out runs/out/x already exists; pass overwrite to replace it",
+     "--out runs/out/x already exists; pass --overwrite to replace it"),
+    ("prune", "NaN/Inf in q_proj; try dtype float32 or a larger damp",
+     "NaN/Inf in q_proj; try --dtype float32 or a larger --damp"),
+    ("prune", "eval_seqlen must be a positive integer, got 0", "--eval-seqlen must be a positive integer, got 0"),
+    ("eval", "nothing to evaluate: give eval or tasks", "nothing to evaluate: give --eval or --tasks"),
+    ("eval", "seqlen 9000 exceeds the model's limit of 8192 positions",
+     "--seqlen 9000 exceeds the model's limit of 8192 positions"),
+    ("eval", "out runs/eval.x is a directory; try runs/eval_dense", "--out runs/eval.x is a directory; try runs/eval_dense"),
+])
+def test_config_errors_name_flags(command, message, said):
+    assert cli.flag_names(message, _subparsers()[command]) == said
+
+
+def test_config_error_is_one_line_naming_the_flag(tmp_path, capsys, bare_root_logger):
+    bare_root_logger()
+    code = cli.main(["prune", "--nsamples", "0", "--out", str(tmp_path / "x"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USER_ERROR and err == "admm-prune: error: --nsamples must be a positive integer, got 0\n"
+    assert not (tmp_path / "x").exists()
+
+
 # --- console output --------------------------------------------------------------------------
 
 @pytest.fixture
