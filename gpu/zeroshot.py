@@ -189,12 +189,11 @@ def _progress_bars(enabled):
     if enabled:
         yield
         return
-    import tqdm as tqdm_package
     import tqdm.auto
     from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     quiet = {cls: type(cls.__name__, (cls,), {"__init__": _disabled_init(cls)})
-             for cls in {tqdm_package.tqdm, tqdm.auto.tqdm}}
+             for cls in {tqdm.tqdm, tqdm.auto.tqdm}}
     patched = [(module, cls) for name, module in list(sys.modules.items())
                if name.split(".")[0] == "lm_eval" and (cls := getattr(module, "tqdm", None)) in quiet]
     datasets_bars_were_on = not are_progress_bars_disabled()
