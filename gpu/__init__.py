@@ -64,6 +64,9 @@ Peak memory per layer (ADMM; float32 = 4 bytes; the caller's W and XtX not count
     SparseGPT: at most 3 Gram-sized buffers (H, its factor, H^-1, then the factor of H^-1)
     and 3 weight-sized ones (W^T being swept, the result, the input cast); measured 0.9 GiB
     on LLaMA-7B down_proj. `benchmarks/bench_layers.py` reports the CUDA peak per shape.
+    The finish (``polish_iters`` > 0) runs after the method's buffers are released: W0~,
+    B, W, W G~, R, P and two scratch = 8 weight-sized buffers, plus its own Gram-sized G~
+    when its damping differs from ADMM's (after wanda/sparsegpt, or ``polish_damp``).
 """
 
 import sys as _sys
