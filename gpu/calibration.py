@@ -1,0 +1,137 @@
+"""Calibration plumbing: the first block's inputs, a block run over every sample, Gram hooks.
+
+The first block's inputs are captured with a ``forward_pre_hook(with_kwargs=True)`` that
+keeps every keyword argument (``position_embeddings``, masks, ...) and stops the forward
+with a private exception. No KV cache is ever passed along (``use_cache=False``): a cache
+reused across calibration samples makes each sample attend to the previous ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from tqdm.auto import tqdm
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to stop the model's forward after block 0's inputs."""
+
+
+def to_device(obj, device):
+    """Move tensors (also inside tuples/lists/dicts) to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def module_device(module) -> torch.device:
+    p = next(module.parameters(), None)
+    if p is None:
+        b = next(module.buffers(), None)
+        return b.device if b is not None else torch.device("cpu")
+    return p.device
+
+
+@contextlib.contextmanager
+def visiting(modules, device):
+    """Move `modules` to `device` for the duration, then back where each one was."""
+    homes = [(m, module_device(m)) for m in modules]
+    try:
+        for m, _ in homes:
+            m.to(device)
+        yield
+    finally:
+        for m, home in homes:
+            m.to(home)
+
+
+@torch.no_grad()
+def capture_block_inputs(model, input_ids: torch.Tensor, device, store_device, progress=True):
+    """Run the model up to decoder block 0 for each row of `input_ids` (batch 1).
+
+    Returns (hidden states [n, seqlen, hidden] on `store_device`, the block's keyword
+    arguments on `device`). Only the modules before the blocks (embeddings, rotary) are
+    moved to `device`; the blocks are never run (they may still be on the meta device).
+    """
+    captured: dict = {}
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured["hidden"] = hidden
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    pre = [m for n, m in model.model.named_children() if n not in ("layers", "norm")]
+    handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    hiddens, kwargs = [], None
+    try:
+        with visiting(pre, device):
+            for i in tqdm(range(input_ids.shape[0]), desc="capture inputs", disable=not progress, leave=False):
+                with contextlib.suppress(_StopForward):
+                    model.model(input_ids=input_ids[i:i + 1].to(device), use_cache=False)
+                hiddens.append(captured["hidden"].to(store_device))
+                if kwargs is None:
+                    kwargs = captured["kwargs"]
+    finally:
+        handle.remove()
+    # never carry a KV cache between samples
+    for k in ("past_key_value", "past_key_values", "cache"):
+        if k in kwargs:
+            kwargs[k] = None
+    kwargs["use_cache"] = False
+    return torch.cat(hiddens), to_device(kwargs, device)
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block(block, hiddens: torch.Tensor, kwargs: dict, device, out: torch.Tensor | None = None):
+    """Apply one block to every sample (batch 1); results written into `out` (or a new tensor)."""
+    out = torch.empty_like(hiddens) if out is None else out
+    for i in range(hiddens.shape[0]):
+        out[i:i + 1] = _block_output(block(hiddens[i:i + 1].to(device), **kwargs)).to(out.device)
+    return out
+
+
+class GramCollector:
+    """Forward hooks accumulating XtX = sum x x^T (fp32) of the inputs of chosen linears.
+
+    A context manager: the hooks are removed on exit, whatever happens inside.
+    """
+
+    def __init__(self, block, names: list[str], device):
+        self.grams: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.handles = []
+        for name in names:
+            linear = block.get_submodule(name)
+            self.grams[name] = torch.zeros(linear.in_features, linear.in_features,
+                                           dtype=torch.float32, device=device)
+            self.tokens[name] = 0
+            self.handles.append(linear.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
+            self.grams[name].addmm_(x.T, x)
+            self.tokens[name] += x.shape[0]
+
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()

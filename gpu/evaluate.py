@@ -1,0 +1,204 @@
+"""Evaluation: perplexity streamed block by block, zero-shot through lm-eval, the eval report.
+
+Perplexity follows the standard protocol (GPTQ/SparseGPT/Wanda): each window's loss is the
+mean cross-entropy of its seqlen - 1 next-token predictions; ppl = exp(mean window loss). It
+runs block by block over all windows like the pruning does, on a `StreamedModel` (blocks read
+from the shards one at a time) or a model in memory, so a model larger than host memory or
+the device still works. Zero-shot accuracy goes through stock lm-eval, which loads the whole
+model in the usual way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from . import models as models_mod
+from .calibration import capture_block_inputs, run_block, visiting
+from .checkpoint import InMemoryModel, open_model
+from .config import DTYPES, EvalConfig, PipelineError, resolve_device
+from .report import write_atomic
+
+log = logging.getLogger(__name__)
+
+
+def as_source(model_or_source):
+    """A block source: a `StreamedModel`/`InMemoryModel` as is, a model wrapped in `InMemoryModel`."""
+    return model_or_source if hasattr(model_or_source, "block") else InMemoryModel(model_or_source)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, device=None, offload_activations: bool = False,
+               progress: bool = True, desc: str = "perplexity") -> float:
+    """exp(mean token NLL) over non-overlapping `windows` [n, seqlen], one block at a time.
+
+    `model`: a causal LM in memory or a block source (`checkpoint.StreamedModel`).
+    """
+    source = as_source(model)
+    device = resolve_device(device)
+    store = torch.device("cpu") if offload_activations else device
+    hid, kwargs = capture_block_inputs(source.model, windows, device, store, progress)
+    buf = torch.empty_like(hid)
+    for i in tqdm(range(source.num_blocks), desc=desc, disable=not progress, leave=False):
+        with source.block(i) as block, visiting([block], device):
+            run_block(block, hid, kwargs, device, buf)
+        hid, buf = buf, hid
+    m = source.model
+    losses = []
+    with visiting([m.model.norm, m.lm_head], device):
+        for i in range(hid.shape[0]):
+            logits = m.lm_head(m.model.norm(hid[i:i + 1].to(device))).float()
+            target = windows[i:i + 1, 1:].to(device)
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                    target.reshape(-1))
+            losses.append(float(nll))
+    value = math.exp(sum(losses) / len(losses))
+    if not math.isfinite(value):
+        raise PipelineError(f"{desc} is not finite ({value}); the model produces NaN/Inf")
+    return value
+
+
+@contextlib.contextmanager
+def naming(flag: str, source: str):
+    """Prefix a data error with the flag and source it concerns."""
+    try:
+        yield
+    except data_mod.DataError as e:
+        if str(source) in str(e):
+            raise
+        raise data_mod.DataError(f"{flag} {source}: {e}") from None
+
+
+def load_eval_windows(source: str, split: str, tokenizer, seqlen: int, max_windows: int | None):
+    """Perplexity windows of `source` (rows joined with "\\n\\n"), at most `max_windows`."""
+    texts = data_mod.load_texts(source, split=split)
+    windows = data_mod.tokenize_for_perplexity(data_mod.perplexity_text(texts), tokenizer, seqlen)
+    return windows if max_windows is None else windows[:max_windows]
+
+
+def check_seqlen_fits(model, **seqlens):
+    """Refuse window lengths beyond the model's context (named by their config field)."""
+    limit = models_mod.max_sequence_length(model)
+    for name, value in seqlens.items():
+        if value is not None and limit is not None and value > limit:
+            raise PipelineError(f"{name} {value} exceeds the model's limit of {limit} positions")
+
+
+@torch.no_grad()
+def linear_sparsity(model) -> float:
+    """Fraction of exact zeros over the decoder blocks' prunable linears (model or block source)."""
+    source = as_source(model)
+    zeros = total = 0
+    for i in range(source.num_blocks):
+        with source.block(i) as block:
+            for names in models_mod.linear_groups(block).values():
+                for n in names:
+                    w = block.get_submodule(n).weight
+                    zeros += int((w == 0).sum())
+                    total += w.numel()
+    return zeros / max(total, 1)
+
+
+def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
+    """Perplexity and zero-shot accuracy of a model, with the sparsity it actually has.
+
+    With ``cfg.baseline`` the baseline model (typically the dense one) is evaluated on the
+    same windows and documents, and ``result["baseline"]`` and ``result["markdown"]`` (the two
+    side by side) are added. With ``cfg.out`` the result is written to OUT.json and OUT.md.
+    Everything that can be checked (the report's folder, the task names and files, the
+    baseline's existence) is checked before the first forward pass.
+    """
+    out = prepare_report_out(cfg.out)
+    if cfg.tasks:
+        from .zeroshot import load_tasks
+
+        load_tasks(list(cfg.tasks), cfg.task_data)  # names, files and their contents
+    if cfg.baseline is not None:
+        models_mod.resolve_model(cfg.baseline, cfg.cache_dir)
+    result = _evaluate(cfg, cfg.model, model, tokenizer)
+    if cfg.baseline is not None:
+        result["baseline"] = _evaluate(cfg, cfg.baseline)
+    result["markdown"] = format_eval_markdown(result)
+    if out is not None:
+        json_path, md_path = _with_ext(out, ".json"), _with_ext(out, ".md")
+        write_atomic(json_path, json.dumps(result, indent=2, default=str))
+        write_atomic(md_path, result["markdown"])
+        log.info("wrote %s and %s", json_path, md_path)
+    return result
+
+
+def _with_ext(prefix: Path, ext: str) -> Path:
+    """PREFIX + ext: appended, never replacing a 'suffix' (runs/x-0.5 -> runs/x-0.5.json)."""
+    return prefix.with_name(prefix.name + ext)
+
+
+def _evaluate(cfg: EvalConfig, name, model=None, tokenizer=None) -> dict:
+    if model is None:
+        source, tokenizer = open_model(name, DTYPES[cfg.dtype], cfg.cache_dir)
+    else:
+        source = as_source(model.eval())
+    result = {"model": name or models_mod.DEFAULT_MODEL, "dtype": cfg.dtype,
+              "linear_sparsity": linear_sparsity(source)}
+    if cfg.eval is not None:
+        check_seqlen_fits(source.model, seqlen=cfg.seqlen)
+        with naming("--eval", cfg.eval):
+            windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.seqlen, cfg.eval_windows)
+        result.update(eval=cfg.eval, windows=int(windows.shape[0]), seqlen=cfg.seqlen,
+                      perplexity=perplexity(source, windows, cfg.device, cfg.offload_activations, cfg.progress))
+    if cfg.tasks:
+        from .zeroshot import run_zeroshot
+
+        full = model
+        if full is None:  # lm-eval needs the whole model in memory
+            full, tokenizer, _ = models_mod.load_model(name, dtype=DTYPES[cfg.dtype], cache_dir=cfg.cache_dir)
+        result["zeroshot"] = run_zeroshot(full, tokenizer, list(cfg.tasks), cfg.task_data, limit=cfg.limit,
+                                          batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress)
+    return result
+
+
+def format_eval_markdown(result: dict) -> str:
+    """One model's evaluation, or (with a baseline) the baseline and the model side by side."""
+    base = result.get("baseline")
+    runs = [result] if base is None else [base, result]
+    lines = [" vs ".join(f"`{r['model']}` (linear sparsity {r['linear_sparsity']:.4f})" for r in runs)
+             + f", {result['dtype']}.", ""]
+    if "perplexity" in result:
+        ppl = ", ".join(f"{r['perplexity']:.3f}" for r in runs)
+        lines += [f"Perplexity on {result['windows']} windows of {result['seqlen']} tokens of "
+                  f"`{result['eval']}`: {ppl}" + (" (baseline, model)." if base else "."), ""]
+    if "zeroshot" in result:
+        from .zeroshot import format_table
+
+        zs = result["zeroshot"]
+        if base is None:
+            table = format_table(zs, labels=("model",))
+        else:
+            table = format_table(base["zeroshot"], zs, labels=("baseline", "model"))
+        lines += [f"Zero-shot accuracy (lm-eval {zs['lm_eval_version']}, {zs['num_fewshot']}-shot, "
+                  f"limit {zs['limit']}):", "", table, ""]
+    return "\n".join(lines)
+
+
+def prepare_report_out(out: str | None) -> Path | None:
+    """Check that the report's folder can be written before hours of evaluation."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.exists() and path.is_dir():
+        raise PipelineError(f"out {out} is a directory; give a path prefix such as runs/eval_dense")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PipelineError(f"out {out}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PipelineError(f"out {out}: cannot write to {parent}")
+            break
+    return path

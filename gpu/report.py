@@ -1,0 +1,124 @@
+"""What a run reports: per-linear records, the run's report, versions, peak memory, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import resource
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class LinearRecord:
+    """What happened to one linear layer (one row of the report)."""
+
+    block: int
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    error_mask_only: float | None  # relative error of W * M (the final mask, no weight update)
+    error_pruned: float | None  # relative error of the pruned weights (None: magnitude, no inputs seen)
+    seconds: float
+
+
+@dataclass
+class PruneReport:
+    config: dict
+    versions: dict
+    model: dict = field(default_factory=dict)  # what was loaded: name, resolved path, files, device
+    calibration: dict = field(default_factory=dict)
+    linears: list = field(default_factory=list)
+    block_seconds: list = field(default_factory=list)
+    resumed_blocks: list = field(default_factory=list)  # blocks taken from an interrupted run
+    total_seconds: float = 0.0
+    prune_seconds: float = 0.0
+    peak_memory: dict = field(default_factory=dict)
+    perplexity: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {
+            "linears": len(self.linears),
+            "mean_sparsity": sum(r["sparsity"] for r in self.linears) / max(len(self.linears), 1),
+            "mean_layer_error": mean_layer_error(r["error_pruned"] for r in self.linears),
+            "perplexity": self.perplexity,
+            "prune_seconds": self.prune_seconds,
+            "resumed_blocks": len(self.resumed_blocks),
+        }
+
+
+def mean_layer_error(errors) -> float | None:
+    """Mean of the measured layer errors; None when none was measured (magnitude)."""
+    errs = [e for e in errors if e is not None]
+    return sum(errs) / len(errs) if errs else None
+
+
+def versions() -> dict:
+    import numpy
+    import scipy
+    import transformers
+
+    try:
+        from importlib.metadata import version
+
+        ours = version("admm-prune")
+    except Exception:  # not installed (e.g. run from a source tree)
+        ours = "source"
+    return {
+        "admm_prune": ours, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "numpy": numpy.__version__,
+        "scipy": scipy.__version__, "platform": platform.platform(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+    }
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process (mapped shard pages count).
+
+    Linux: VmHWM of /proc/self/status, which starts afresh at exec; ru_maxrss does not (a
+    child started from a large parent reports the parent's size). Elsewhere: ru_maxrss."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    scale = 1 if platform.system() == "Darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak host RSS of this process and peak device memory."""
+    mem = {"host_max_rss_gib": peak_rss_bytes() / 2**30}
+    if device.type == "cuda":
+        mem["device_max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return mem
+
+
+def usual_mode(is_dir: bool) -> int:
+    """The permissions open()/mkdir() would give under the process umask (mkstemp/mkdtemp give 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if is_dir else 0o666) & ~umask
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, fsync, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, usual_mode(False))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+_write_atomic = write_atomic  # the name benchmarks/ scripts import
