@@ -188,25 +188,27 @@ def test_save_reload_and_report(corpus, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
 
 
-def test_failure_mid_run_leaves_nothing(corpus, tmp_path):
+def test_failure_before_any_block_finished_leaves_nothing(corpus, tmp_path):
     model, tok = models.tiny_model("llama")
-    out = tmp_path / "pruned"
+    out = tmp_path / "new" / "deeper" / "pruned"
 
     def boom(block, *args):
-        if block == 1:
-            raise RuntimeError("interrupted")
+        raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
         pipeline.run_prune(_cfg(corpus, out=str(out), eval=None), model=model, tokenizer=tok, callback=boom)
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [], "no staging folder, no parent folders the run created"
 
 
-def test_nan_in_weights_names_block_and_linear(corpus):
+def test_nan_in_weights_found_at_load_before_any_pruning(corpus):
     model, tok = models.tiny_model("llama")
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
-    with pytest.raises(pipeline.PipelineError, match=r"block 1 mlp.up_proj"):
+    before = _state(model)
+    with pytest.raises(models.ModelError, match=r"model.layers.1.mlp.up_proj.weight holds NaN.*at load"):
         pipeline.run_prune(_cfg(corpus, eval=None), model=model, tokenizer=tok)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"]), \
+        "block 0 was not pruned before the NaN was found"
 
 
 # ---------------------------------------------------------------- command line
