@@ -135,3 +135,24 @@ class GramCollector:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+class NormCollector(GramCollector):
+    """Forward hooks accumulating diag(XtX) = sum x^2 per input feature (fp32): the squared
+    column norms ||X_j||^2 that Wanda's and OWL's scores need, without d_in x d_in Grams."""
+
+    def __init__(self, block, names: list[str], device):
+        super().__init__(block, [], device)
+        for name in names:
+            linear = block.get_submodule(name)
+            self.grams[name] = torch.zeros(linear.in_features, dtype=torch.float32, device=device)
+            self.tokens[name] = 0
+            self.handles.append(linear.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
+            self.grams[name].add_(x.square().sum(0))
+            self.tokens[name] += x.shape[0]
+
+        return hook

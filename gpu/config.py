@@ -16,6 +16,7 @@ from admm_prune.reference._checks import (
 )
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PROFILES = ("uniform", "owl")
 MIN_SEQLEN = 2  # one rule for calibration and evaluation windows: a next-token loss needs two
 
 
@@ -54,6 +55,10 @@ class PruneConfig:
     damp: float | None = None  # None: 0.1 for ADMM, 0.01 for SparseGPT
     iters: int = 20
     mask_steps: int = 15  # ADMM-Grad only
+    polish_iters: int = 0  # PCG steps on the final support after the method (0: the paper's method)
+    sparsity_profile: str = "uniform"  # or "owl": per-block targets from outlier ratios (Yin et al.)
+    owl_m: float = 5.0  # OWL's outlier threshold M
+    owl_lambda: float = 0.08  # OWL's lambda: block targets within sparsity +- lambda
     calib: str = "c4"
     nsamples: int = 128
     seqlen: int = 2048
@@ -100,6 +105,22 @@ class PruneConfig:
                 or not 0 <= self.mask_steps <= self.iters):
             raise PipelineError(f"mask_steps must be an integer in [0, iters={self.iters}], got {self.mask_steps!r}")
         _check_dtype(self.dtype)
+        _positive_int("polish_iters", self.polish_iters, minimum=0)
+        if self.polish_iters and self.method == "magnitude":
+            raise PipelineError("polish_iters needs a method that sees inputs; magnitude reads only the weights")
+        if self.sparsity_profile not in PROFILES:
+            raise PipelineError(f"sparsity_profile must be one of {PROFILES}, got {self.sparsity_profile!r}")
+        if self.sparsity_profile == "owl":
+            if nm is not None:
+                raise PipelineError(f"sparsity_profile owl is defined for unstructured sparsity only; pattern "
+                                    f"{self.pattern} fixes every block at {sparsity:g}")
+            try:
+                check_positive("owl_m", self.owl_m)
+                check_positive("owl_lambda", self.owl_lambda, allow_zero=True)
+            except ValueError as e:
+                raise PipelineError(str(e)) from None
+            if sparsity + self.owl_lambda >= 1:
+                raise PipelineError(f"sparsity + owl_lambda must be < 1, got {sparsity} + {self.owl_lambda}")
         if self.resume and self.out is None:
             raise PipelineError("resume needs out: the staging folder lives beside it")
 
@@ -108,14 +129,15 @@ class PruneConfig:
         """The keyword arguments of `prune_shared` this run uses."""
         return dict(method=self.method, pattern=self.pattern, group=self.group, rho=self.rho,
                     damp=self.damp, iters=self.iters, mask_steps=self.mask_steps,
-                    track_objective=False, allow_tf32=self.allow_tf32)
+                    polish_iters=self.polish_iters, track_objective=False, allow_tf32=self.allow_tf32)
 
     def fingerprint(self) -> dict:
         """The fields that decide the pruned weights: a resumed run must match them all."""
         keep = ("method", "sparsity", "pattern", "group", "rho", "damp", "iters", "mask_steps",
                 "calib", "nsamples", "seqlen", "seed", "dtype", "true_sequential", "num_blocks",
-                "allow_tf32")
-        return {k: getattr(self, k) for k in keep}
+                "allow_tf32", "polish_iters", "sparsity_profile")
+        owl = ("owl_m", "owl_lambda") if self.sparsity_profile == "owl" else ()
+        return {k: getattr(self, k) for k in keep + owl}
 
 
 @dataclass(frozen=True)

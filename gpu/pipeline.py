@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import models as models_mod
 from ._checks import compute_dtype
-from .calibration import GramCollector, capture_block_inputs, run_block, visiting
+from .calibration import GramCollector, NormCollector, capture_block_inputs, run_block, visiting
 from .checkpoint import InMemoryModel, OutputPlan, StagedBlocks, Staging, block_state_dict, open_model, rest_state_dict
 from .config import DTYPES, EvalConfig, PipelineError, PruneConfig, resolve_device
 from .evaluate import (  # noqa: F401  (re-exported: the names scripts and the tutorial use)
@@ -52,6 +52,8 @@ from .evaluate import (  # noqa: F401  (re-exported: the names scripts and the t
     perplexity, run_eval,
 )
 from .masks import magnitude_scores, select_mask
+from .owl import outlier_ratio
+from admm_prune.reference import owl_sparsities
 from .prune import PruneResult, prune_shared
 from .report import LinearRecord, PruneReport, mean_layer_error, peak_memory, versions, write_atomic  # noqa: F401
 from .solve import reconstruction_error
@@ -69,25 +71,27 @@ def _check_finite(tensor: torch.Tensor, what: str):
         raise PipelineError(f"NaN/Inf in {what}; try dtype float32 or a larger damp")
 
 
-def needs_calibration(method: str) -> bool:
-    """Magnitude pruning ranks |W| alone: no calibration data, no block forwards."""
-    return method != "magnitude"
+def needs_calibration(cfg: PruneConfig) -> bool:
+    """Magnitude pruning ranks |W| alone: no calibration data, no block forwards (unless
+    OWL's per-block targets ask for the dense activations)."""
+    return cfg.method != "magnitude" or cfg.sparsity_profile == "owl"
 
 
 @torch.no_grad()
 def prune_group(block, block_idx: int, names: list[str], XtX: torch.Tensor | None, cfg: PruneConfig,
-                callback: Callable | None = None) -> list[LinearRecord]:
-    """Prune the linears of `names` (one shared input, one Gram; None for magnitude) in place."""
+                sparsity: float | None, callback: Callable | None = None) -> list[LinearRecord]:
+    """Prune the linears of `names` (one shared input, one Gram; None for magnitude) in place
+    to `sparsity` (the block's target: ``cfg.sparsity``, or OWL's for this block)."""
     linears = [block.get_submodule(n) for n in names]
     t0 = time.perf_counter()
     dense = [lin.weight.detach().clone() for lin in linears]
     if XtX is None:  # magnitude: |W| as prune_layer scores it, no inputs needed
         results = [PruneResult(W=W * m, mask=m) for W in dense
-                   for m in [select_mask(magnitude_scores(W.to(compute_dtype(W))), cfg.sparsity,
+                   for m in [select_mask(magnitude_scores(W.to(compute_dtype(W))), sparsity,
                                          cfg.pattern, cfg.group)]]
     else:
         _check_finite(XtX, f"block {block_idx} inputs of {names[0]} (Gram matrix)")
-        results = prune_shared(dense, XtX, cfg.sparsity, **cfg.solver_kwargs)
+        results = prune_shared(dense, XtX, sparsity, **cfg.solver_kwargs)
     seconds = (time.perf_counter() - t0) / len(names)
     records = []
     for n, lin, W, res in zip(names, linears, dense, results):
@@ -107,18 +111,18 @@ def prune_group(block, block_idx: int, names: list[str], XtX: torch.Tensor | Non
 
 
 @torch.no_grad()
-def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, device, scratch,
+def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, sparsity: float | None, device, scratch,
                 callback: Callable | None = None) -> list[LinearRecord]:
     """Prune one block in place: Grams from a forward over `inps`, then each group's solve."""
     groups = list(models_mod.linear_groups(block).values())
-    if inps is None:
-        return [r for g in groups for r in prune_group(block, i, g, None, cfg, callback)]
+    if cfg.method == "magnitude":
+        return [r for g in groups for r in prune_group(block, i, g, None, cfg, sparsity, callback)]
     records = []
     for stage in ([[g] for g in groups] if cfg.true_sequential else [groups]):
         with GramCollector(block, [g[0] for g in stage], device) as collector:
             run_block(block, inps, kwargs, device, scratch)
         for g in stage:
-            records += prune_group(block, i, g, collector.grams[g[0]], cfg, callback)
+            records += prune_group(block, i, g, collector.grams[g[0]], cfg, sparsity, callback)
     return records
 
 
@@ -136,14 +140,48 @@ def check_model(model, cfg: PruneConfig):
                                             f"but block {i} {n} has {d_in} inputs")
 
 
+@torch.no_grad()
+def block_targets(model, calib_ids: torch.Tensor | None, cfg: PruneConfig) -> dict:
+    """Each pruned block's sparsity: ``cfg.sparsity`` (uniform), or OWL's targets from the
+    dense model's outlier ratios (one dense forward over the calibration windows per block).
+
+    Returns {"profile", "targets": [...], and for OWL "ratios": [...], "sizes": [...]}."""
+    source = as_source(model)
+    nblocks = min(cfg.num_blocks or source.num_blocks, source.num_blocks)
+    if cfg.sparsity_profile == "uniform":
+        return {"profile": "uniform", "targets": [cfg.sparsity] * nblocks}
+    device = resolve_device(cfg.device)
+    store = torch.device("cpu") if cfg.offload_activations else device
+    inps, kwargs = capture_block_inputs(source.model, calib_ids, device, store, cfg.progress)
+    outs = torch.empty_like(inps)
+    ratios, sizes = [], []
+    for i in tqdm(range(nblocks), desc="outlier ratios (dense)", disable=not cfg.progress, leave=False):
+        with source.block(i) as block, visiting([block], device):
+            groups = list(models_mod.linear_groups(block).values())
+            with NormCollector(block, [g[0] for g in groups], device) as norms:
+                run_block(block, inps, kwargs, device, outs)
+            Ws = [block.get_submodule(n).weight for g in groups for n in g]
+            cols = [norms.grams[g[0]].sqrt() for g in groups for _ in g]
+            ratios.append(outlier_ratio(Ws, cols, cfg.owl_m))
+            sizes.append(sum(W.numel() for W in Ws))
+        inps, outs = outs, inps
+    targets = owl_sparsities(ratios, sizes, cfg.sparsity, cfg.owl_lambda, cfg.pattern)
+    log.info("OWL targets (M %g, lambda %g): %s", cfg.owl_m, cfg.owl_lambda,
+             " ".join(f"{t:.3f}" for t in targets))
+    return {"profile": "owl", "m": cfg.owl_m, "lambda": cfg.owl_lambda, "ratios": ratios, "sizes": sizes,
+            "targets": [float(t) for t in targets]}
+
+
 def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callback: Callable | None = None,
-                staging: Staging | None = None) -> tuple[list[LinearRecord], list[float]]:
+                staging: Staging | None = None, targets: list[float] | None = None,
+                ) -> tuple[list[LinearRecord], list[float]]:
     """Prune the decoder blocks of `model` (a model in memory, pruned in place, or a block
     source such as `checkpoint.StreamedModel`), one block at a time.
 
     Blocks already finished in `staging` (a resumed run) are read back and only run forward
     to make the next block's inputs; each newly pruned block is handed to `staging`. Blocks
-    past ``cfg.num_blocks`` are staged unchanged. Returns one record per pruned linear and
+    past ``cfg.num_blocks`` are staged unchanged. `targets`: each block's sparsity (default:
+    `block_targets`, i.e. uniform or OWL as the config says). Returns one record per pruned linear and
     the seconds each block took. `callback(block_idx, name, W_dense, XtX, result)` is called
     after each linear (XtX is None for magnitude).
     """
@@ -153,8 +191,10 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
     check_model(source.model, cfg)
     nblocks = min(cfg.num_blocks or source.num_blocks, source.num_blocks)
     done = staging.finished if staging is not None else {}
+    if targets is None:
+        targets = block_targets(source, calib_ids, cfg)["targets"]
     inps = kwargs = outs = None
-    if needs_calibration(cfg.method):
+    if cfg.method != "magnitude":
         inps, kwargs = capture_block_inputs(source.model, calib_ids, device, store, cfg.progress)
         outs = torch.empty_like(inps)
     records, block_seconds = [], []
@@ -166,7 +206,8 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
             if i in done:  # pruned before the interruption: its forward only
                 recs = [LinearRecord(**r) for r in done[i]["records"]]
             else:
-                recs = prune_block(block, i, inps, kwargs, cfg, device, outs, callback) if i < nblocks else []
+                recs = (prune_block(block, i, inps, kwargs, cfg, targets[i], device, outs, callback)
+                        if i < nblocks else [])
             if inps is not None and i < nblocks:
                 run_block(block, inps, kwargs, device, outs)
                 _check_finite(outs, f"block {i} outputs after pruning")
@@ -187,8 +228,19 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
     return records, block_seconds
 
 
+def achieved_block_sparsity(records: list[LinearRecord]) -> list[float]:
+    """Each pruned block's fraction of zeros over its prunable weights, from the records."""
+    zeros: dict[int, float] = {}
+    total: dict[int, int] = {}
+    for r in records:
+        n = r.shape[0] * r.shape[1]
+        zeros[r.block] = zeros.get(r.block, 0.0) + r.sparsity * n
+        total[r.block] = total.get(r.block, 0) + n
+    return [zeros[b] / total[b] for b in sorted(total)]
+
+
 def _calibration(cfg: PruneConfig, tokenizer):
-    if not needs_calibration(cfg.method):
+    if not needs_calibration(cfg):
         return None, {"mode": "none", "reason": f"{cfg.method} reads only the weights"}
     with naming("--calib", cfg.calib):
         texts = data_mod.load_texts(cfg.calib, split="train")
@@ -260,9 +312,12 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
             report.perplexity["dense"] = perplexity(source, windows, *_eval_args(cfg), desc="dense perplexity")
             log.info("dense perplexity: %.3f", report.perplexity["dense"])
         t0 = time.perf_counter()
-        records, report.block_seconds = prune_model(source, calib_ids, cfg, callback, staging)
+        report.block_sparsity = block_targets(source, calib_ids, cfg)
+        records, report.block_seconds = prune_model(source, calib_ids, cfg, callback, staging,
+                                                    report.block_sparsity["targets"])
         report.prune_seconds = time.perf_counter() - t0
         report.linears = [asdict(r) for r in records]
+        report.block_sparsity["achieved"] = achieved_block_sparsity(records)
         if windows is not None:
             pruned = StagedBlocks(source, staging) if source.streamed else source
             report.perplexity["pruned"] = perplexity(pruned, windows, *_eval_args(cfg), desc="pruned perplexity")

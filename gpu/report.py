@@ -33,6 +33,7 @@ class PruneReport:
     model: dict = field(default_factory=dict)  # what was loaded: name, resolved path, files, device
     calibration: dict = field(default_factory=dict)
     linears: list = field(default_factory=list)
+    block_sparsity: dict = field(default_factory=dict)  # profile, per-block targets and achieved (OWL: ratios)
     block_seconds: list = field(default_factory=list)
     resumed_blocks: list = field(default_factory=list)  # blocks taken from an interrupted run
     total_seconds: float = 0.0

@@ -386,3 +386,54 @@ def test_bench_runs_every_method_on_shared_windows(corpus, tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["dense_perplexity"] == pytest.approx(res["dense_perplexity"])
     with pytest.raises(pipeline.PipelineError, match="settings"):
         bench.BenchConfig(settings=("1.2",))
+
+
+# ---------------------------------------------------------------- beyond the paper (issue 14)
+
+
+def test_owl_targets_average_to_the_sparsity_and_are_reported(corpus, tmp_path):
+    model, tok = models.tiny_model("mistral")  # 3 blocks
+    cfg = _cfg(corpus, method="admm-grad", eval=None, sparsity=0.6, sparsity_profile="owl", owl_lambda=0.1,
+               out=str(tmp_path / "o"))
+    report = pipeline.run_prune(cfg, model=model, tokenizer=tok)
+    prof = json.loads((tmp_path / "o" / "report.json").read_text())["block_sparsity"]
+    assert prof["profile"] == "owl" and len(prof["ratios"]) == len(prof["targets"]) == 3
+    targets, sizes = np.array(prof["targets"]), np.array(prof["sizes"])
+    assert np.sum(targets * sizes) / np.sum(sizes) == pytest.approx(0.6, abs=1e-12)
+    assert targets.max() - targets.min() > 0.05, "the blocks' outlier ratios differ: so do their targets"
+    assert np.all(np.abs(targets - 0.6) <= 0.1 + 1e-12)
+    assert np.argmin(targets) == np.argmax(prof["ratios"]), "the most outliers, the least pruning"
+    # achieved per block = the target, up to the per-row floor
+    assert np.allclose(prof["achieved"], targets, atol=1.0 / 64)
+    for r in report.linears:
+        assert r["sparsity"] == pytest.approx(targets[r["block"]], abs=1.0 / r["shape"][1])
+    # the ratios are the dense model's: the same with any method
+    wanda = pipeline.block_targets(models.tiny_model("mistral")[0], _calib(tok, corpus), cfg)
+    assert wanda["ratios"] == pytest.approx(prof["ratios"], rel=1e-6)
+
+
+def _calib(tok, corpus):
+    texts = data.load_texts(str(corpus / "calib.jsonl"), split="train")
+    return data.sample_calibration(texts, tok, 4, 32, 0)[0]
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(sparsity_profile="owl", pattern="2:4", sparsity=None), "unstructured"),
+    (dict(sparsity_profile="owl", sparsity=0.95, owl_lambda=0.08), "owl_lambda"),
+    (dict(sparsity_profile="uneven"), "sparsity_profile"),
+    (dict(polish_iters=-1), "polish_iters"),
+    (dict(polish_iters=3, method="magnitude"), "polish_iters"),
+])
+def test_bad_profile_or_finish_is_refused_in_the_config(corpus, bad, match):
+    with pytest.raises(pipeline.PipelineError, match=match):
+        _cfg(corpus, **bad)
+
+
+def test_finish_lowers_the_layer_error(corpus):
+    errors = {}
+    for k in (0, 8):
+        model, tok = models.tiny_model("llama")
+        report = pipeline.run_prune(_cfg(corpus, method="admm-grad", iters=4, mask_steps=3, eval=None,
+                                         polish_iters=k), model=model, tokenizer=tok)
+        errors[k] = np.mean([r["error_pruned"] for r in report.linears])
+    assert errors[8] < errors[0]
