@@ -60,6 +60,8 @@ class BenchConfig:
     group: str = "row"
     iters: int = 20
     mask_steps: int = 15
+    owl_m: float = 5.0  # for the +owl variants
+    owl_lambda: float = 0.08
     device: str | None = None
     dtype: str = "float32"
     out: str | None = None  # path prefix: writes OUT.md and OUT.json
@@ -68,8 +70,7 @@ class BenchConfig:
 
     def __post_init__(self):
         for m in self.methods:
-            if m not in METHODS:
-                raise PipelineError(f"--methods: unknown method {m!r}; choose from {METHODS}")
+            parse_variant(m)
         for m in self.peer_methods:
             if m not in PEER_METHODS:
                 raise PipelineError(f"--peer-methods: unknown method {m!r}; choose from {PEER_METHODS}")
@@ -80,6 +81,30 @@ class BenchConfig:
             _setting(s)
         if self.dtype not in DTYPES:
             raise PipelineError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """'admm-grad+owl+polish10+iters5' -> ('admm-grad', PruneConfig overrides).
+
+    Suffixes: ``owl`` (sparsity_profile owl with the bench's owl_m/owl_lambda), ``polishK``
+    (K PCG steps of the finish on the final support), ``itersK`` (K ADMM iterations, with
+    round(0.75 K) mask steps as the paper's 15 of 20)."""
+    method, *extras = spec.split("+")
+    if method not in METHODS:
+        raise PipelineError(f"--methods: unknown method {method!r} in {spec!r}; choose from {METHODS}")
+    overrides: dict = {}
+    for extra in extras:
+        digits = extra.lstrip("abcdefghijklmnopqrstuvwxyz")
+        name = extra[: len(extra) - len(digits)]
+        if extra == "owl":
+            overrides["sparsity_profile"] = "owl"
+        elif name == "polish" and digits.isdigit():
+            overrides["polish_iters"] = int(digits)
+        elif name == "iters" and digits.isdigit() and int(digits) > 0:
+            overrides.update(iters=int(digits), mask_steps=round(0.75 * int(digits)))
+        else:
+            raise PipelineError(f"--methods: unknown variant {extra!r} in {spec!r}; use +owl, +polishK or +itersK")
+    return method, overrides
 
 
 def _setting(text: str) -> tuple[float | None, str]:
@@ -197,15 +222,22 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
             [(s, "admm-prune", m) for m in cfg.methods] + [(s, p, m) for p in peers for m in cfg.peer_methods]]
     for setting, impl, method in tqdm(jobs, desc="bench", disable=not cfg.progress):
         sparsity, pattern = _setting(setting)
+        if impl == "admm-prune":
+            base, overrides = parse_variant(method)
+            try:
+                pcfg = PruneConfig(**{**dict(
+                    method=base, sparsity=sparsity, pattern=pattern, group=cfg.group, iters=cfg.iters,
+                    mask_steps=cfg.mask_steps, owl_m=cfg.owl_m, owl_lambda=cfg.owl_lambda, device=cfg.device,
+                    nsamples=cfg.nsamples, seqlen=cfg.seqlen, dtype=cfg.dtype, eval=None, progress=False),
+                    **overrides})
+            except PipelineError as e:  # e.g. OWL at an N:M setting
+                result["skipped"][f"{method} {setting}"] = str(e)
+                continue
         model.load_state_dict(dense_state)
         errors = []
         with _PeakMemory(device) as mem:
             start = time.perf_counter()
             if impl == "admm-prune":
-                pcfg = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, group=cfg.group,
-                                   iters=cfg.iters, mask_steps=cfg.mask_steps, device=cfg.device,
-                                   nsamples=cfg.nsamples, seqlen=cfg.seqlen,
-                                   dtype=cfg.dtype, eval=None, progress=False)
                 records, _ = prune_model(model, calib_ids, pcfg)
                 errors = [r.error_pruned for r in records]
             else:
@@ -228,8 +260,8 @@ def _save(result: dict, out: str | None) -> dict:
     result["ratios"] = _ratios(result["runs"])
     result["markdown"] = format_markdown(result)
     if out is not None:
-        _write_atomic(Path(out).with_suffix(".json"), json.dumps(result, indent=2, default=str))
-        _write_atomic(Path(out).with_suffix(".md"), result["markdown"])
+        _write_atomic(Path(out + ".json"), json.dumps(result, indent=2, default=str))
+        _write_atomic(Path(out + ".md"), result["markdown"])
     return result
 
 
@@ -271,7 +303,7 @@ def format_markdown(result: dict) -> str:
             f"{fmt(q.get('perplexity_ratio'), '.3f')} | {r['prune_seconds']:.1f} | "
             f"{fmt(q.get('time_ratio'), '.2f')} | {fmt(r['peak_memory_gib'], '.2f')} | "
             f"{fmt(r['mean_layer_error'], '.4f')} | {r['linear_sparsity']:.4f} |")
-    for peer, why in result["skipped"].items():
-        lines.append(f"\n{peer} skipped: {why}")
+    for what, why in result["skipped"].items():
+        lines.append(f"\n{what} skipped: {why}")
     return "\n".join(lines) + "\n"
 

@@ -437,3 +437,23 @@ def test_finish_lowers_the_layer_error(corpus):
                                          polish_iters=k), model=model, tokenizer=tok)
         errors[k] = np.mean([r["error_pruned"] for r in report.linears])
     assert errors[8] < errors[0]
+
+
+def test_bench_variants_beside_the_paper_method(corpus, tmp_path):
+    from admm_prune.gpu import bench
+
+    model, tok = models.tiny_model("mistral")
+    cfg = bench.BenchConfig(calib=str(corpus / "calib.jsonl"), eval=str(corpus / "eval.txt"), nsamples=4,
+                            seqlen=32, eval_seqlen=64, eval_windows=2, settings=("0.6", "2:4"), peers=(),
+                            methods=("admm-grad", "admm-grad+owl", "admm-grad+polish8+iters4"),
+                            device="cpu", progress=False, out=str(tmp_path / "run-0.6"))
+    res = bench.run_bench(cfg, model=model, tokenizer=tok)
+    got = {(r["setting"], r["method"]) for r in res["runs"]}
+    assert got == {("0.6", "admm-grad"), ("0.6", "admm-grad+owl"), ("0.6", "admm-grad+polish8+iters4"),
+                   ("2:4", "admm-grad"), ("2:4", "admm-grad+polish8+iters4")}
+    assert "unstructured" in res["skipped"]["admm-grad+owl 2:4"]
+    assert (tmp_path / "run-0.6.json").is_file() and (tmp_path / "run-0.6.md").is_file(), "extensions appended"
+    assert bench.parse_variant("admm+owl+polish5") == ("admm", {"sparsity_profile": "owl", "polish_iters": 5})
+    for bad in ("admm-grad+foo", "obs", "admm+iters0"):
+        with pytest.raises(pipeline.PipelineError, match="--methods"):
+            bench.BenchConfig(methods=(bad,))
