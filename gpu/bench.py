@@ -29,6 +29,7 @@ from admm_prune.reference import METHODS, parse_pattern
 
 from . import data as data_mod
 from . import models as models_mod
+from .report import PHASES, phase_totals
 from .pipeline import (
     DTYPES, PipelineError, PruneConfig, _write_atomic, linear_sparsity, load_eval_windows, mean_layer_error,
     perplexity, prune_model, resolve_device, versions,
@@ -60,6 +61,7 @@ class BenchConfig:
     group: str = "row"
     iters: int = 20
     mask_steps: int = 15
+    layer_errors: bool | None = None  # None: where the method collects the full Gram anyway
     owl_m: float = 5.0  # for the +owl variants
     owl_lambda: float = 0.08
     device: str | None = None
@@ -227,7 +229,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
             try:
                 pcfg = PruneConfig(**{**dict(
                     method=base, sparsity=sparsity, pattern=pattern, group=cfg.group, iters=cfg.iters,
-                    mask_steps=cfg.mask_steps, owl_m=cfg.owl_m, owl_lambda=cfg.owl_lambda, device=cfg.device,
+                    mask_steps=cfg.mask_steps, layer_errors=cfg.layer_errors, owl_m=cfg.owl_m, owl_lambda=cfg.owl_lambda, device=cfg.device,
                     nsamples=cfg.nsamples, seqlen=cfg.seqlen, dtype=cfg.dtype, eval=None, progress=False),
                     **overrides})
             except PipelineError as e:  # e.g. OWL at an N:M setting
@@ -238,7 +240,8 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
         with _PeakMemory(device) as mem:
             start = time.perf_counter()
             if impl == "admm-prune":
-                records, _ = prune_model(model, calib_ids, pcfg)
+                phases = []
+                records, _ = prune_model(model, calib_ids, pcfg, phases=phases)
                 errors = [r.error_pruned for r in records]
             else:
                 _llmcompressor_prune(model, tokenizer, calib_ids, method, sparsity, pattern)
@@ -246,6 +249,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
         run = {"setting": setting, "impl": impl, "method": method, "prune_seconds": seconds,
+               "phase_seconds": phase_totals(phases) if impl == "admm-prune" else None,
                "peak_memory_gib": mem.gib, "linear_sparsity": linear_sparsity(model),
                "mean_layer_error": mean_layer_error(errors),
                "perplexity": perplexity(model, windows, desc=f"{impl} {method} {setting}", **eval_kw)}
@@ -303,6 +307,13 @@ def format_markdown(result: dict) -> str:
             f"{fmt(q.get('perplexity_ratio'), '.3f')} | {r['prune_seconds']:.1f} | "
             f"{fmt(q.get('time_ratio'), '.2f')} | {fmt(r['peak_memory_gib'], '.2f')} | "
             f"{fmt(r['mean_layer_error'], '.4f')} | {r['linear_sparsity']:.4f} |")
+    ours = [r for r in result["runs"] if r.get("phase_seconds")]
+    if ours:
+        names = sorted({k for r in ours for k in r["phase_seconds"]}, key=PHASES.index)
+        lines += ["", "Pruning time by phase (s, summed over blocks):", "",
+                  "| setting | method | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+        lines += [f"| {r['setting']} | {r['method']} | "
+                  + " | ".join(f"{r['phase_seconds'].get(k, 0.0):.1f}" for k in names) + " |" for r in ours]
     for what, why in result["skipped"].items():
         lines.append(f"\n{what} skipped: {why}")
     return "\n".join(lines) + "\n"

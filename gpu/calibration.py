@@ -106,10 +106,11 @@ class GramCollector:
     A context manager: the hooks are removed on exit, whatever happens inside.
     """
 
-    def __init__(self, block, names: list[str], device):
+    def __init__(self, block, names: list[str], device, timer=None):
         self.grams: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self.handles = []
+        self.timer = timer
         for name in names:
             linear = block.get_submodule(name)
             self.grams[name] = torch.zeros(linear.in_features, linear.in_features,
@@ -119,11 +120,15 @@ class GramCollector:
 
     def _hook(self, name):
         def hook(module, args, output):
-            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
-            self.grams[name].addmm_(x.T, x)
+            with self._timed():
+                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
+                self.grams[name].addmm_(x.T, x)
             self.tokens[name] += x.shape[0]
 
         return hook
+
+    def _timed(self):
+        return self.timer("gram") if self.timer is not None else contextlib.nullcontext()
 
     def remove(self):
         for h in self.handles:
@@ -141,8 +146,8 @@ class NormCollector(GramCollector):
     """Forward hooks accumulating diag(XtX) = sum x^2 per input feature (fp32): the squared
     column norms ||X_j||^2 that Wanda's and OWL's scores need, without d_in x d_in Grams."""
 
-    def __init__(self, block, names: list[str], device):
-        super().__init__(block, [], device)
+    def __init__(self, block, names: list[str], device, timer=None):
+        super().__init__(block, [], device, timer)
         for name in names:
             linear = block.get_submodule(name)
             self.grams[name] = torch.zeros(linear.in_features, dtype=torch.float32, device=device)
@@ -151,8 +156,9 @@ class NormCollector(GramCollector):
 
     def _hook(self, name):
         def hook(module, args, output):
-            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
-            self.grams[name].add_(x.square().sum(0))
+            with self._timed():
+                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
+                self.grams[name].add_(x.square().sum(0))
             self.tokens[name] += x.shape[0]
 
         return hook

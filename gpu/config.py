@@ -59,6 +59,7 @@ class PruneConfig:
     sparsity_profile: str = "uniform"  # or "owl": per-block targets from outlier ratios (Yin et al.)
     owl_m: float = 5.0  # OWL's outlier threshold M
     owl_lambda: float = 0.08  # OWL's lambda: block targets within sparsity +- lambda
+    layer_errors: bool | None = None  # None: measured where the Gram is needed anyway (not wanda, magnitude)
     calib: str = "c4"
     nsamples: int = 128
     seqlen: int = 2048
@@ -121,8 +122,17 @@ class PruneConfig:
                 raise PipelineError(str(e)) from None
             if sparsity + self.owl_lambda >= 1:
                 raise PipelineError(f"sparsity + owl_lambda must be < 1, got {sparsity} + {self.owl_lambda}")
+        if self.layer_errors and self.method == "magnitude":
+            raise PipelineError("layer_errors needs calibration inputs; magnitude reads only the weights")
         if self.resume and self.out is None:
             raise PipelineError("resume needs out: the staging folder lives beside it")
+
+    @property
+    def measure_errors(self) -> bool:
+        """Layer errors need the full Gram: Wanda alone needs only its diagonal, magnitude nothing."""
+        if self.layer_errors is None:
+            return self.method not in ("magnitude", "wanda")
+        return self.layer_errors
 
     @property
     def solver_kwargs(self) -> dict:

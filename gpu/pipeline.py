@@ -30,6 +30,7 @@ activations on the CPU and streams them, for smaller cards.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.metadata
 import json
@@ -55,7 +56,9 @@ from .masks import magnitude_scores, select_mask
 from .owl import outlier_ratio
 from admm_prune.reference import owl_sparsities
 from .prune import PruneResult, prune_shared
-from .report import LinearRecord, PruneReport, mean_layer_error, peak_memory, versions, write_atomic  # noqa: F401
+from .report import (  # noqa: F401
+    NO_TIMER, LinearRecord, PhaseTimer, PruneReport, mean_layer_error, peak_memory, versions, write_atomic,
+)
 from .solve import reconstruction_error
 
 log = logging.getLogger(__name__)
@@ -79,32 +82,37 @@ def needs_calibration(cfg: PruneConfig) -> bool:
 
 @torch.no_grad()
 def prune_group(block, block_idx: int, names: list[str], XtX: torch.Tensor | None, cfg: PruneConfig,
-                sparsity: float | None, callback: Callable | None = None) -> list[LinearRecord]:
+                sparsity: float | None, callback: Callable | None = None, timer: PhaseTimer = NO_TIMER,
+                ) -> list[LinearRecord]:
     """Prune the linears of `names` (one shared input, one Gram; None for magnitude) in place
-    to `sparsity` (the block's target: ``cfg.sparsity``, or OWL's for this block)."""
+    to `sparsity` (the block's target: ``cfg.sparsity``, or OWL's for this block). Wanda
+    without layer errors gets diag(XtX) only (its scores read nothing else)."""
     linears = [block.get_submodule(n) for n in names]
     t0 = time.perf_counter()
     dense = [lin.weight.detach().clone() for lin in linears]
-    if XtX is None:  # magnitude: |W| as prune_layer scores it, no inputs needed
-        results = [PruneResult(W=W * m, mask=m) for W in dense
-                   for m in [select_mask(magnitude_scores(W.to(compute_dtype(W))), sparsity,
-                                         cfg.pattern, cfg.group)]]
-    else:
-        _check_finite(XtX, f"block {block_idx} inputs of {names[0]} (Gram matrix)")
-        results = prune_shared(dense, XtX, sparsity, **cfg.solver_kwargs)
+    with timer("solve"):
+        if XtX is None:  # magnitude: |W| as prune_layer scores it, no inputs needed
+            results = [PruneResult(W=W * m, mask=m) for W in dense
+                       for m in [select_mask(magnitude_scores(W.to(compute_dtype(W))), sparsity,
+                                             cfg.pattern, cfg.group)]]
+        else:
+            _check_finite(XtX, f"block {block_idx} inputs of {names[0]} (Gram matrix)")
+            gram = torch.diag(XtX) if XtX.ndim == 1 else XtX
+            results = prune_shared(dense, gram, sparsity, **cfg.solver_kwargs)
     seconds = (time.perf_counter() - t0) / len(names)
     records = []
     for n, lin, W, res in zip(names, linears, dense, results):
         _check_finite(res.W, f"block {block_idx} {n} pruned weights")
         lin.weight.copy_(res.W.to(lin.weight.dtype))
-        Wf = W.to(torch.float32)
+        errors = (None, None)
+        if cfg.measure_errors:
+            with timer("errors"):
+                Wf = W.to(torch.float32)
+                errors = (reconstruction_error(Wf, Wf * res.mask, XtX),
+                          reconstruction_error(Wf, res.W.to(torch.float32), XtX))
         records.append(LinearRecord(
-            block=block_idx, name=n, shape=tuple(W.shape),
-            sparsity=float((lin.weight == 0).float().mean()),
-            error_mask_only=None if XtX is None else reconstruction_error(Wf, Wf * res.mask, XtX),
-            error_pruned=None if XtX is None else reconstruction_error(Wf, res.W.to(torch.float32), XtX),
-            seconds=seconds,
-        ))
+            block=block_idx, name=n, shape=tuple(W.shape), sparsity=float((lin.weight == 0).float().mean()),
+            error_mask_only=errors[0], error_pruned=errors[1], seconds=seconds))
         if callback is not None:
             callback(block_idx, n, W, XtX, res)
     return records
@@ -112,17 +120,19 @@ def prune_group(block, block_idx: int, names: list[str], XtX: torch.Tensor | Non
 
 @torch.no_grad()
 def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, sparsity: float | None, device, scratch,
-                callback: Callable | None = None) -> list[LinearRecord]:
-    """Prune one block in place: Grams from a forward over `inps`, then each group's solve."""
+                callback: Callable | None = None, timer: PhaseTimer = NO_TIMER) -> list[LinearRecord]:
+    """Prune one block in place: Grams (or Wanda's column norms) from a forward over `inps`,
+    then each group's solve."""
     groups = list(models_mod.linear_groups(block).values())
     if cfg.method == "magnitude":
-        return [r for g in groups for r in prune_group(block, i, g, None, cfg, sparsity, callback)]
+        return [r for g in groups for r in prune_group(block, i, g, None, cfg, sparsity, callback, timer)]
+    collect = GramCollector if cfg.method != "wanda" or cfg.measure_errors else NormCollector
     records = []
     for stage in ([[g] for g in groups] if cfg.true_sequential else [groups]):
-        with GramCollector(block, [g[0] for g in stage], device) as collector:
+        with collect(block, [g[0] for g in stage], device, timer) as collector, timer("forward"):
             run_block(block, inps, kwargs, device, scratch)
         for g in stage:
-            records += prune_group(block, i, g, collector.grams[g[0]], cfg, sparsity, callback)
+            records += prune_group(block, i, g, collector.grams[g[0]], cfg, sparsity, callback, timer)
     return records
 
 
@@ -174,14 +184,15 @@ def block_targets(model, calib_ids: torch.Tensor | None, cfg: PruneConfig) -> di
 
 def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callback: Callable | None = None,
                 staging: Staging | None = None, targets: list[float] | None = None,
-                ) -> tuple[list[LinearRecord], list[float]]:
+                phases: list | None = None) -> tuple[list[LinearRecord], list[float]]:
     """Prune the decoder blocks of `model` (a model in memory, pruned in place, or a block
     source such as `checkpoint.StreamedModel`), one block at a time.
 
     Blocks already finished in `staging` (a resumed run) are read back and only run forward
     to make the next block's inputs; each newly pruned block is handed to `staging`. Blocks
     past ``cfg.num_blocks`` are staged unchanged. `targets`: each block's sparsity (default:
-    `block_targets`, i.e. uniform or OWL as the config says). Returns one record per pruned linear and
+    `block_targets`, i.e. uniform or OWL as the config says). `phases`, when given, gets each
+    pruned block's seconds per phase (`report.PhaseTimer`). Returns one record per pruned linear and
     the seconds each block took. `callback(block_idx, name, W_dense, XtX, result)` is called
     after each linear (XtX is None for magnitude).
     """
@@ -201,31 +212,47 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
     bar = tqdm(range(source.num_blocks), desc=f"prune {cfg.method}", disable=not cfg.progress)
     for i in bar:
         t0 = time.perf_counter()
-        with source.block(i, tensors=staging.read_block(i) if i in done else None) as block, \
-                visiting([block], device):
+        timer = PhaseTimer(device)
+        with contextlib.ExitStack() as stack:
+            with timer("load"):
+                block = stack.enter_context(source.block(i, tensors=staging.read_block(i) if i in done else None))
+                stack.enter_context(visiting([block], device))
             if i in done:  # pruned before the interruption: its forward only
                 recs = [LinearRecord(**r) for r in done[i]["records"]]
             else:
-                recs = (prune_block(block, i, inps, kwargs, cfg, targets[i], device, outs, callback)
+                recs = (prune_block(block, i, inps, kwargs, cfg, targets[i], device, outs, callback, timer)
                         if i < nblocks else [])
             if inps is not None and i < nblocks:
-                run_block(block, inps, kwargs, device, outs)
+                with timer("forward"):
+                    run_block(block, inps, kwargs, device, outs)
                 _check_finite(outs, f"block {i} outputs after pruning")
                 inps, outs = outs, inps
-            seconds = done[i]["seconds"] if i in done else time.perf_counter() - t0
             if staging is not None and i not in done:
-                staging.write_block(i, block_state_dict(block, i),
-                                    {"records": [asdict(r) for r in recs], "seconds": seconds})
+                with timer("write"):
+                    staging.write_block(i, block_state_dict(block, i), {
+                        "records": [asdict(r) for r in recs], "seconds": time.perf_counter() - t0,
+                        "phases": _exclusive(timer.seconds)})
+            seconds = done[i]["seconds"] if i in done else time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if i < nblocks:
             records += recs
             block_seconds.append(seconds)
+            if phases is not None:
+                phases.append(done[i].get("phases", {}) if i in done else _exclusive(timer.seconds))
             err = mean_layer_error(r.error_pruned for r in recs)
             bar.set_postfix(err="-" if err is None else f"{err:.4f}", s=f"{seconds:.1f}")
             log.info("block %d: %.1f s%s, mean layer error %s", i, seconds, " (resumed)" if i in done else "",
                      "not measured" if err is None else f"{err:.5f}")
     return records, block_seconds
+
+
+def _exclusive(seconds: dict) -> dict:
+    """Phase seconds with the Gram hooks' time taken out of the forwards they ran inside."""
+    out = dict(seconds)
+    if "gram" in out and "forward" in out:
+        out["forward"] -= out["gram"]
+    return out
 
 
 def achieved_block_sparsity(records: list[LinearRecord]) -> list[float]:
@@ -314,7 +341,7 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
         t0 = time.perf_counter()
         report.block_sparsity = block_targets(source, calib_ids, cfg)
         records, report.block_seconds = prune_model(source, calib_ids, cfg, callback, staging,
-                                                    report.block_sparsity["targets"])
+                                                    report.block_sparsity["targets"], report.block_phases)
         report.prune_seconds = time.perf_counter() - t0
         report.linears = [asdict(r) for r in records]
         report.block_sparsity["achieved"] = achieved_block_sparsity(records)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import platform
 import resource
 import tempfile
@@ -26,6 +27,46 @@ class LinearRecord:
     seconds: float
 
 
+class PhaseTimer:
+    """Seconds per named phase (load, forward, gram, solve, errors, write) of one block.
+
+    ``with timer("solve"): ...`` adds the time of the body; on CUDA each boundary
+    synchronizes, so the seconds are the device's work, not its queueing. A timer made with
+    ``enabled=False`` only runs the bodies."""
+
+    def __init__(self, device: torch.device | None = None, enabled: bool = True):
+        self.seconds: dict[str, float] = {}
+        self.enabled = enabled
+        cuda = device is not None and device.type == "cuda"
+        self._sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if not self.enabled:
+            yield
+            return
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+
+NO_TIMER = PhaseTimer(enabled=False)
+PHASES = ("load", "forward", "gram", "solve", "errors", "write")
+
+
+def phase_totals(blocks: list[dict]) -> dict[str, float]:
+    """The phases' seconds summed over blocks."""
+    out: dict[str, float] = {}
+    for b in blocks:
+        for k, v in b.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
 @dataclass
 class PruneReport:
     config: dict
@@ -35,6 +76,7 @@ class PruneReport:
     linears: list = field(default_factory=list)
     block_sparsity: dict = field(default_factory=dict)  # profile, per-block targets and achieved (OWL: ratios)
     block_seconds: list = field(default_factory=list)
+    block_phases: list = field(default_factory=list)  # per block: seconds of load/forward/gram/solve/errors/write
     resumed_blocks: list = field(default_factory=list)  # blocks taken from an interrupted run
     total_seconds: float = 0.0
     prune_seconds: float = 0.0
@@ -48,6 +90,7 @@ class PruneReport:
             "mean_layer_error": mean_layer_error(r["error_pruned"] for r in self.linears),
             "perplexity": self.perplexity,
             "prune_seconds": self.prune_seconds,
+            "phase_seconds": phase_totals(self.block_phases),
             "resumed_blocks": len(self.resumed_blocks),
         }
 

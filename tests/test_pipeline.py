@@ -61,7 +61,7 @@ def test_every_linear_pruned_exactly(corpus, arch, method):
         if not any(f".{n}.weight" in k for n in LINEARS):
             assert torch.equal(after[k], v), f"{k} must be untouched"
     assert len(report.linears) == 7 * len(model.model.layers)
-    if method == "magnitude":  # no inputs seen, so no reconstruction error to report
+    if method in ("magnitude", "wanda"):  # no full Gram collected: no layer error by default
         assert all(r["error_pruned"] is None for r in report.linears)
     else:
         assert all(r["error_pruned"] >= 0 for r in report.linears)
@@ -131,7 +131,7 @@ def test_pipeline_does_not_change_the_math(corpus):
 def test_grams_are_shared_and_capture_all_tokens(corpus):
     model, tok = models.tiny_model("llama")
     seen = {}
-    pipeline.run_prune(_cfg(corpus, method="wanda", eval=None), model=model, tokenizer=tok,
+    pipeline.run_prune(_cfg(corpus, method="admm", eval=None), model=model, tokenizer=tok,
                        callback=lambda b, n, W, XtX, r: seen.setdefault((b, n), XtX))
     for b in range(len(model.model.layers)):
         assert seen[(b, "self_attn.q_proj")] is seen[(b, "self_attn.k_proj")] is seen[(b, "self_attn.v_proj")]
@@ -372,7 +372,8 @@ def test_bench_runs_every_method_on_shared_windows(corpus, tmp_path):
     model, tok = models.tiny_model("llama")
     cfg = bench.BenchConfig(calib=str(corpus / "calib.jsonl"), eval=str(corpus / "eval.txt"), nsamples=4,
                             seqlen=32, eval_seqlen=64, eval_windows=4, settings=("0.6", "2:4"), peers=(),
-                            iters=5, mask_steps=3, device="cpu", progress=False, out=str(tmp_path / "b"))
+                            iters=5, mask_steps=3, device="cpu", progress=False, out=str(tmp_path / "b"),
+                            layer_errors=True)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     res = bench.run_bench(cfg, model=model, tokenizer=tok)
     assert len(res["runs"]) == 2 * 4
@@ -383,6 +384,7 @@ def test_bench_runs_every_method_on_shared_windows(corpus, tmp_path):
         assert errs[(s, "admm")] < errs[(s, "wanda")]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in dense.items()), "dense weights restored"
     assert (tmp_path / "b.md").read_text() == res["markdown"]
+    assert "Pruning time by phase" in res["markdown"] and all(r["phase_seconds"]["solve"] > 0 for r in res["runs"])
     assert json.loads((tmp_path / "b.json").read_text())["dense_perplexity"] == pytest.approx(res["dense_perplexity"])
     with pytest.raises(pipeline.PipelineError, match="settings"):
         bench.BenchConfig(settings=("1.2",))
@@ -457,3 +459,21 @@ def test_bench_variants_beside_the_paper_method(corpus, tmp_path):
     for bad in ("admm-grad+foo", "obs", "admm+iters0"):
         with pytest.raises(pipeline.PipelineError, match="--methods"):
             bench.BenchConfig(methods=(bad,))
+
+
+def test_wanda_from_column_norms_equals_wanda_from_the_gram(corpus):
+    """Wanda reads only diag(XtX): without layer errors the engine collects just that."""
+    states, reports = [], []
+    for errors in (False, True):
+        model, tok = models.tiny_model("qwen2")
+        reports.append(pipeline.run_prune(_cfg(corpus, method="wanda", eval=None, layer_errors=errors),
+                                          model=model, tokenizer=tok))
+        states.append(_state(model))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert all(r["error_pruned"] is None for r in reports[0].linears)
+    assert all(r["error_pruned"] > 0 for r in reports[1].linears)
+    phases = reports[1].summary()["phase_seconds"]
+    assert {"load", "forward", "gram", "solve", "errors"} <= set(phases) and "errors" not in reports[0].summary()["phase_seconds"]
+    assert all(v >= 0 for v in phases.values())
+    with pytest.raises(pipeline.PipelineError, match="layer_errors"):
+        _cfg(corpus, method="magnitude", layer_errors=True)
