@@ -322,6 +322,17 @@ class Staging:
         """A staging folder in the temp dir for a run without `out` (removed by `discard`)."""
         return cls(Path(tempfile.mkdtemp(prefix="admm-prune-")) / "run", temporary=True)
 
+    @classmethod
+    def view(cls, path: str, manifest: dict) -> "Staging":
+        """Another process's staging folder, for reading its finished blocks (`shared()`)."""
+        staging = cls(Path(path).parent / Path(path).name.removeprefix(".").removesuffix(".staging"))
+        staging.manifest = manifest
+        return staging
+
+    def shared(self) -> tuple[str, dict]:
+        """What `view` needs in another process: the folder and the manifest."""
+        return str(self.path), self.manifest
+
     @property
     def finished(self) -> dict[int, dict]:
         return {int(i): b for i, b in self.manifest.get("blocks", {}).items()}

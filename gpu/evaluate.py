@@ -25,6 +25,7 @@ from . import models as models_mod
 from .calibration import capture_block_inputs, run_block, visiting
 from .checkpoint import InMemoryModel, open_model
 from .config import DTYPES, EvalConfig, PipelineError, resolve_device
+from .distributed import current, rank_device
 from .report import write_atomic
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,13 @@ def perplexity(model, windows: torch.Tensor, device=None, offload_activations: b
 
     `model`: a causal LM in memory or a block source (`checkpoint.StreamedModel`).
     """
-    source = as_source(model)
-    device = resolve_device(device)
+    source, dist = as_source(model), current()
+    device = resolve_device(rank_device(device, dist))
     store = torch.device("cpu") if offload_activations else device
-    hid, kwargs = capture_block_inputs(source.model, windows, device, store, progress)
+    if windows.shape[0] < dist.world:
+        raise PipelineError(f"eval_windows: {windows.shape[0]} windows for {dist.world} ranks")
+    mine = dist.share(windows)  # several ranks: each its share of the windows, losses gathered
+    hid, kwargs = capture_block_inputs(source.model, mine, device, store, progress)
     buf = torch.empty_like(hid)
     for i in tqdm(range(source.num_blocks), desc=desc, disable=not progress, leave=False):
         with source.block(i) as block, visiting([block], device):
@@ -56,10 +60,11 @@ def perplexity(model, windows: torch.Tensor, device=None, offload_activations: b
     with visiting([m.model.norm, m.lm_head], device):
         for i in range(hid.shape[0]):
             logits = m.lm_head(m.model.norm(hid[i:i + 1].to(device))).float()
-            target = windows[i:i + 1, 1:].to(device)
+            target = mine[i:i + 1, 1:].to(device)
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                     target.reshape(-1))
             losses.append(float(nll))
+    losses = [x for rank in dist.gather_objects(losses) for x in rank]
     value = math.exp(sum(losses) / len(losses))
     if not math.isfinite(value):
         raise PipelineError(f"{desc} is not finite ({value}); the model produces NaN/Inf")

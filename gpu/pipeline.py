@@ -48,6 +48,7 @@ from ._checks import compute_dtype
 from .calibration import GramCollector, NormCollector, capture_block_inputs, run_block, visiting
 from .checkpoint import InMemoryModel, OutputPlan, StagedBlocks, Staging, block_state_dict, open_model, rest_state_dict
 from .config import DTYPES, EvalConfig, PipelineError, PruneConfig, resolve_device
+from .distributed import Dist, current, rank_device
 from .evaluate import (  # noqa: F401  (re-exported: the names scripts and the tutorial use)
     as_source, check_seqlen_fits, format_eval_markdown, linear_sparsity, load_eval_windows, naming,
     perplexity, run_eval,
@@ -120,20 +121,41 @@ def prune_group(block, block_idx: int, names: list[str], XtX: torch.Tensor | Non
 
 @torch.no_grad()
 def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, sparsity: float | None, device, scratch,
-                callback: Callable | None = None, timer: PhaseTimer = NO_TIMER) -> list[LinearRecord]:
+                callback: Callable | None = None, timer: PhaseTimer = NO_TIMER, dist: Dist = Dist(),
+                ) -> list[LinearRecord]:
     """Prune one block in place: Grams (or Wanda's column norms) from a forward over `inps`,
-    then each group's solve."""
+    then each group's solve. With several ranks the Grams are summed over the ranks' windows,
+    each group is solved by one rank (`Dist.assign`, by cost) and its weights broadcast."""
     groups = list(models_mod.linear_groups(block).values())
-    if cfg.method == "magnitude":
+    if cfg.method == "magnitude":  # |W| only: every rank computes the same, nothing to share
         return [r for g in groups for r in prune_group(block, i, g, None, cfg, sparsity, callback, timer)]
     collect = GramCollector if cfg.method != "wanda" or cfg.measure_errors else NormCollector
     records = []
     for stage in ([[g] for g in groups] if cfg.true_sequential else [groups]):
         with collect(block, [g[0] for g in stage], device, timer) as collector, timer("forward"):
             run_block(block, inps, kwargs, device, scratch)
-        for g in stage:
-            records += prune_group(block, i, g, collector.grams[g[0]], cfg, sparsity, callback, timer)
+        owners = dist.assign([_solve_cost(block, g, cfg) for g in stage])
+        mine = []
+        with timer("share"):
+            for g in stage:
+                dist.sum_(collector.grams[g[0]])
+        for g, owner in zip(stage, owners):
+            if owner == dist.rank:
+                mine += prune_group(block, i, g, collector.grams[g[0]], cfg, sparsity, callback, timer)
+        with timer("share"):
+            for g, owner in zip(stage, owners):
+                for n in g:
+                    dist.broadcast_(block.get_submodule(n).weight.data, owner)
+            order = [n for g in stage for n in g]
+            records += sorted((r for rank in dist.gather_objects(mine) for r in rank), key=lambda r: order.index(r.name))
     return records
+
+
+def _solve_cost(block, names: list[str], cfg: PruneConfig) -> float:
+    """FLOPs of one group's solve: the d_in^3 factorization, d_out d_in^2 per ADMM step."""
+    shapes = [block.get_submodule(n).weight.shape for n in names]
+    d_in = shapes[0][1]
+    return d_in**3 + sum(d_out * d_in**2 * (cfg.iters + cfg.polish_iters + 2) for d_out, _ in shapes)
 
 
 def check_model(model, cfg: PruneConfig):
@@ -160,9 +182,10 @@ def block_targets(model, calib_ids: torch.Tensor | None, cfg: PruneConfig) -> di
     nblocks = min(cfg.num_blocks or source.num_blocks, source.num_blocks)
     if cfg.sparsity_profile == "uniform":
         return {"profile": "uniform", "targets": [cfg.sparsity] * nblocks}
-    device = resolve_device(cfg.device)
+    dist = current()
+    device = resolve_device(rank_device(cfg.device, dist))
     store = torch.device("cpu") if cfg.offload_activations else device
-    inps, kwargs = capture_block_inputs(source.model, calib_ids, device, store, cfg.progress)
+    inps, kwargs = capture_block_inputs(source.model, dist.share(calib_ids), device, store, cfg.progress)
     outs = torch.empty_like(inps)
     ratios, sizes = [], []
     for i in tqdm(range(nblocks), desc="outlier ratios (dense)", disable=not cfg.progress, leave=False):
@@ -171,7 +194,7 @@ def block_targets(model, calib_ids: torch.Tensor | None, cfg: PruneConfig) -> di
             with NormCollector(block, [g[0] for g in groups], device) as norms:
                 run_block(block, inps, kwargs, device, outs)
             Ws = [block.get_submodule(n).weight for g in groups for n in g]
-            cols = [norms.grams[g[0]].sqrt() for g in groups for _ in g]
+            cols = [dist.sum_(norms.grams[g[0]]).sqrt() for g in groups for _ in g]
             ratios.append(outlier_ratio(Ws, cols, cfg.owl_m))
             sizes.append(sum(W.numel() for W in Ws))
         inps, outs = outs, inps
@@ -196,17 +219,17 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
     the seconds each block took. `callback(block_idx, name, W_dense, XtX, result)` is called
     after each linear (XtX is None for magnitude).
     """
-    source = as_source(model)
-    device = resolve_device(cfg.device)
+    source, dist = as_source(model), current()
+    device = resolve_device(rank_device(cfg.device, dist))
     store = torch.device("cpu") if cfg.offload_activations else device
     check_model(source.model, cfg)
     nblocks = min(cfg.num_blocks or source.num_blocks, source.num_blocks)
-    done = staging.finished if staging is not None else {}
+    done = dist.broadcast_object(staging.finished if staging is not None else {})  # rank 0 stages
     if targets is None:
         targets = block_targets(source, calib_ids, cfg)["targets"]
     inps = kwargs = outs = None
     if cfg.method != "magnitude":
-        inps, kwargs = capture_block_inputs(source.model, calib_ids, device, store, cfg.progress)
+        inps, kwargs = capture_block_inputs(source.model, dist.share(calib_ids), device, store, cfg.progress)
         outs = torch.empty_like(inps)
     records, block_seconds = [], []
     bar = tqdm(range(source.num_blocks), desc=f"prune {cfg.method}", disable=not cfg.progress)
@@ -215,12 +238,13 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
         timer = PhaseTimer(device)
         with contextlib.ExitStack() as stack:
             with timer("load"):
-                block = stack.enter_context(source.block(i, tensors=staging.read_block(i) if i in done else None))
+                staged = dist.broadcast_object(staging.read_block(i) if i in done and dist.main else None)
+                block = stack.enter_context(source.block(i, tensors=staged))
                 stack.enter_context(visiting([block], device))
             if i in done:  # pruned before the interruption: its forward only
                 recs = [LinearRecord(**r) for r in done[i]["records"]]
             else:
-                recs = (prune_block(block, i, inps, kwargs, cfg, targets[i], device, outs, callback, timer)
+                recs = (prune_block(block, i, inps, kwargs, cfg, targets[i], device, outs, callback, timer, dist)
                         if i < nblocks else [])
             if inps is not None and i < nblocks:
                 with timer("forward"):
@@ -304,9 +328,9 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
     blocks are staged beside it as they finish (``cfg.resume`` continues an interrupted run)
     and the checkpoint is renamed into place at the end.
     """
-    t_start = time.perf_counter()
-    plan = OutputPlan(cfg.out, cfg.overwrite) if cfg.out is not None else None
-    device = resolve_device(cfg.device)
+    t_start, dist = time.perf_counter(), current()
+    plan = OutputPlan(cfg.out, cfg.overwrite) if cfg.out is not None else None  # checked on every rank
+    device = resolve_device(rank_device(cfg.device, dist))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if model is None:
@@ -316,20 +340,28 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
     source.check_finite()  # every stored weight, before any work
     check_model(source.model, cfg)
     report = PruneReport(config=asdict(cfg), versions=versions(), model=_model_identity(source, cfg, device))
+    report.world_size = dist.world
     calib_ids, report.calibration = _calibration(cfg, tokenizer)
     log.info("calibration: %s", report.calibration)
+    if calib_ids is not None and calib_ids.shape[0] < dist.world:
+        raise PipelineError(f"nsamples: {calib_ids.shape[0]} calibration windows for {dist.world} ranks; "
+                            f"every rank needs at least one")
     windows = None
     if cfg.eval is not None:
         with naming("--eval", cfg.eval):
             windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.eval_seqlen or cfg.seqlen,
                                         cfg.eval_windows)
         report.perplexity.update(windows=int(windows.shape[0]), seqlen=int(windows.shape[1]))
+        if windows.shape[0] < dist.world:
+            raise PipelineError(f"eval_windows: {windows.shape[0]} windows for {dist.world} ranks")
 
-    staging = Staging(plan.out) if plan else (Staging.scratch() if source.streamed else None)
+    plan = plan if dist.main else None  # rank 0 alone stages and writes
+    staging = Staging(plan.out) if plan else (Staging.scratch() if source.streamed and dist.main else None)
     if plan:
         plan.make_parents()
     fingerprint = {**cfg.fingerprint(), "calibration_sha256": report.calibration.get("sha256"),
-                   "model": {k: v for k, v in report.model.items() if k != "device"}, "device": device.type}
+                   "model": {k: v for k, v in report.model.items() if k != "device"}, "device": device.type,
+                   "world_size": dist.world}
     if staging is not None:  # a refused resume raises here, leaving the staging folder as it was
         report.resumed_blocks = sorted(staging.start(fingerprint, cfg.resume))
     try:
@@ -346,7 +378,8 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
         report.linears = [asdict(r) for r in records]
         report.block_sparsity["achieved"] = achieved_block_sparsity(records)
         if windows is not None:
-            pruned = StagedBlocks(source, staging) if source.streamed else source
+            shared = dist.broadcast_object(staging.shared() if staging is not None else None)  # rank 0's
+            pruned = StagedBlocks(source, Staging.view(*shared)) if source.streamed else source
             report.perplexity["pruned"] = perplexity(pruned, windows, *_eval_args(cfg), desc="pruned perplexity")
             log.info("pruned perplexity: %.3f", report.perplexity["pruned"])
         report.peak_memory = peak_memory(device)

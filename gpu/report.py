@@ -28,7 +28,7 @@ class LinearRecord:
 
 
 class PhaseTimer:
-    """Seconds per named phase (load, forward, gram, solve, errors, write) of one block.
+    """Seconds per named phase (`PHASES`: load, forward, gram, share, solve, errors, write) of a block.
 
     ``with timer("solve"): ...`` adds the time of the body; on CUDA each boundary
     synchronizes, so the seconds are the device's work, not its queueing. A timer made with
@@ -55,7 +55,7 @@ class PhaseTimer:
 
 
 NO_TIMER = PhaseTimer(enabled=False)
-PHASES = ("load", "forward", "gram", "solve", "errors", "write")
+PHASES = ("load", "forward", "gram", "share", "solve", "errors", "write")
 
 
 def phase_totals(blocks: list[dict]) -> dict[str, float]:
@@ -72,6 +72,7 @@ class PruneReport:
     config: dict
     versions: dict
     model: dict = field(default_factory=dict)  # what was loaded: name, resolved path, files, device
+    world_size: int = 1  # processes that ran it (torch.distributed)
     calibration: dict = field(default_factory=dict)
     linears: list = field(default_factory=list)
     block_sparsity: dict = field(default_factory=dict)  # profile, per-block targets and achieved (OWL: ratios)
