@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import models as models_mod
 from ._checks import compute_dtype
-from .calibration import GramCollector, NormCollector, capture_block_inputs, run_block, visiting
+from .calibration import GramCollector, NormCollector, capture_block_inputs, release_memory, run_block, visiting
 from .checkpoint import InMemoryModel, OutputPlan, StagedBlocks, Staging, block_state_dict, open_model, rest_state_dict
 from .config import DTYPES, EvalConfig, PipelineError, PruneConfig, resolve_device
 from .distributed import Dist, current, rank_device
@@ -257,8 +257,7 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
                         "records": [asdict(r) for r in recs], "seconds": time.perf_counter() - t0,
                         "phases": _exclusive(timer.seconds)})
             seconds = done[i]["seconds"] if i in done else time.perf_counter() - t0
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(device)
         if i < nblocks:
             records += recs
             block_seconds.append(seconds)
