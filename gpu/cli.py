@@ -144,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-blocks", type=_optional_int, default=None,
                    help="prune only the first K blocks (default: all)")
     p.add_argument("--allow-tf32", action="store_true", help="allow TF32 matmuls on CUDA (faster, less exact)")
+    p.add_argument("--polish-iters", type=int, default=0, metavar="K",
+                   help="finish on the final support: K preconditioned CG steps per row after the method "
+                        "(0 keeps the paper's method; see paper_notes/beyond_the_paper.md)")
+    p.add_argument("--sparsity-profile", default="uniform", choices=["uniform", "owl"],
+                   help="the same sparsity in every block, or OWL's per-block targets from the dense "
+                        "model's outlier ratios (unstructured only)")
+    p.add_argument("--owl-m", type=float, default=5.0, help="OWL's outlier threshold M")
+    p.add_argument("--owl-lambda", type=float, default=0.08,
+                   help="OWL's lambda: block targets stay within sparsity +- lambda")
+    p.add_argument("--layer-errors", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure each linear's reconstruction error or not; unset: where the method "
+                        "collects the full Gram anyway (not wanda, not magnitude)")
 
     summary = "perplexity and zero-shot task accuracy (lm-eval) of a saved or hub model"
     e = sub.add_parser("eval", help=summary, description=summary, formatter_class=_HelpFormatter)
@@ -170,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help=summary, description=summary, formatter_class=_HelpFormatter)
     _common(b)
     b.add_argument("--methods", type=_task_list, default=("wanda", "sparsegpt", "admm", "admm-grad"),
-                   help=f"comma-separated methods, of: {', '.join(METHODS)}")
+                   help=f"comma-separated methods, of: {', '.join(METHODS)}; each may carry variants "
+                        f"+owl, +polishK, +itersK (e.g. admm-grad+owl+polish10)")
     b.add_argument("--settings", type=_task_list, default=("0.5", "0.6", "0.7", "0.8", "2:4"),
                    help="comma-separated sparsities and N:M patterns")
     b.add_argument("--peers", type=_task_list, default=("llmcompressor",),
@@ -191,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare scores per output row (Wanda) or over the whole matrix (official code)")
     b.add_argument("--iters", type=int, default=20, help="ADMM iterations")
     b.add_argument("--mask-steps", type=int, default=15, help="ADMM-Grad mask re-selections")
+    b.add_argument("--owl-m", type=float, default=5.0, help="OWL's outlier threshold M for +owl variants")
+    b.add_argument("--owl-lambda", type=float, default=0.08, help="OWL's lambda for +owl variants")
+    b.add_argument("--layer-errors", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure every method's layer errors or not; unset: where the full Gram is collected anyway")
     b.add_argument("--out", default=None, help="path prefix: writes OUT.md and OUT.json")
     return parser
 
@@ -237,10 +254,18 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from .distributed import finish, init_from_env, launched_by_torchrun
+
     options = vars(args)
     command = options.pop("command")
     options.pop("verbose")
+    dist = None
     try:
+        if launched_by_torchrun():  # torchrun --nproc-per-node N -m admm_prune.gpu ...: one rank of N
+            dist = init_from_env(options.get("device"))
+            if not dist.main:  # rank 0 speaks for the run
+                options["progress"] = False
+                logging.getLogger().setLevel(logging.WARNING)
         with logging_redirect_tqdm():  # log lines above the live progress bars, not glued onto them
             result = _run(command, options)
     except _user_errors() as e:
@@ -253,7 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # the pipeline's own interrupts say what is on disk
         print(f"admm-prune: interrupted; {e}" if str(e) else "admm-prune: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(result if isinstance(result, str) else json.dumps(result, indent=2))
+    finally:
+        if dist is not None:
+            finish(dist)
+    if dist is None or dist.main:
+        print(result if isinstance(result, str) else json.dumps(result, indent=2))
     return 0
 
 

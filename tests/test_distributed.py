@@ -114,3 +114,17 @@ def test_too_few_windows_for_the_ranks_fails_on_every_rank(setup, tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("1 calibration windows for 2 ranks") == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_torchrun_cli_two_ranks(setup, tmp_path):
+    """The documented command: torchrun ... -m admm_prune.gpu prune; rank 0 alone prints and writes."""
+    d = setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "admm_prune.gpu", "prune", "--model", str(d / "ck"), "--calib", str(d / "calib.jsonl"),
+           "--nsamples", "4", "--seqlen", "32", "--eval", "none", "--method", "wanda", "--device", "cpu",
+           "--no-progress", "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"mean_sparsity"') == 1, "one summary, from rank 0"
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["world_size"] == 2
