@@ -124,7 +124,3 @@ def check_result(W_hat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             f"W: the pruned weights do not fit {str(dtype).replace('torch.', '')} (largest "
             f"finite |value| {big:.3g}); prune a float32 copy of W, or rescale it")
     return out
-
-
-# numerics that used to live here; imported from here by benchmarks/bench_layers.py
-from .linalg import cholesky, matmul_precision  # noqa: E402,F401

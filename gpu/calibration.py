@@ -138,16 +138,23 @@ class GramCollector:
         self.timer = timer
         for name in names:
             linear = block.get_submodule(name)
-            self.grams[name] = torch.zeros(linear.in_features, linear.in_features,
-                                           dtype=torch.float32, device=device)
+            self.grams[name] = self._zeros(linear.in_features, device)
             self.tokens[name] = 0
             self.handles.append(linear.register_forward_hook(self._hook(name)))
+
+    @staticmethod
+    def _zeros(d_in: int, device) -> torch.Tensor:
+        return torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
+
+    @staticmethod
+    def _accumulate(buf: torch.Tensor, x: torch.Tensor):
+        buf.addmm_(x.T, x)  # XtX += x^T x
 
     def _hook(self, name):
         def hook(module, args, output):
             with self._timed():
                 x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
-                self.grams[name].addmm_(x.T, x)
+                self._accumulate(self.grams[name], x)
             self.tokens[name] += x.shape[0]
 
         return hook
@@ -171,19 +178,10 @@ class NormCollector(GramCollector):
     """Forward hooks accumulating diag(XtX) = sum x^2 per input feature (fp32): the squared
     column norms ||X_j||^2 that Wanda's and OWL's scores need, without d_in x d_in Grams."""
 
-    def __init__(self, block, names: list[str], device, timer=None):
-        super().__init__(block, [], device, timer)
-        for name in names:
-            linear = block.get_submodule(name)
-            self.grams[name] = torch.zeros(linear.in_features, dtype=torch.float32, device=device)
-            self.tokens[name] = 0
-            self.handles.append(linear.register_forward_hook(self._hook(name)))
+    @staticmethod
+    def _zeros(d_in: int, device) -> torch.Tensor:
+        return torch.zeros(d_in, dtype=torch.float32, device=device)
 
-    def _hook(self, name):
-        def hook(module, args, output):
-            with self._timed():
-                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
-                self.grams[name].add_(x.square().sum(0))
-            self.tokens[name] += x.shape[0]
-
-        return hook
+    @staticmethod
+    def _accumulate(buf: torch.Tensor, x: torch.Tensor):
+        buf.add_(x.square().sum(0))  # diag(XtX) += sum_t x_t^2

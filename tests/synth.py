@@ -21,3 +21,16 @@ def outlier_layer(seed: int, d_out: int = 16, d_in: int = 32, n_tokens: int | No
         X[:, rng.choice(d_in, dead, replace=False)] = 0.0
     W = rng.normal(size=(d_out, d_in))
     return W, X.T @ X, X
+
+
+def write_corpus(folder, seed: int = 0, ndocs: int = 40, min_words: int = 20):
+    """Small local calibration (calib.jsonl) and evaluation (eval.txt) files of English-like
+    words in `folder`, for the engine tests (no download)."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    words = "the of and to in a is that for it as was with be by on not he this are or his from".split()
+    docs = [" ".join(rng.choice(words, size=int(rng.integers(min_words, 200)))) for _ in range(ndocs)]
+    (folder / "calib.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs))
+    (folder / "eval.txt").write_text("\n".join(docs[:20]))
+    return folder

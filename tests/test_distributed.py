@@ -7,10 +7,10 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
+from synth import write_corpus
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -37,12 +37,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dist")
-    rng = np.random.default_rng(2)
-    words = "the of and to in a is that for it as was with be by on not he this are or his from".split()
-    docs = [" ".join(rng.choice(words, size=int(rng.integers(40, 200)))) for _ in range(40)]
-    (d / "calib.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs))
-    (d / "eval.txt").write_text("\n".join(docs[:20]))
+    d = write_corpus(tmp_path_factory.mktemp("dist"), seed=2, min_words=40)
     model, tok = models.tiny_model("llama", num_hidden_layers=3)
     model.save_pretrained(d / "ck")
     tok.save_pretrained(d / "ck")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synth import write_corpus
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -24,13 +25,7 @@ LINEARS = [n for names in models.LINEAR_GROUPS.values() for n in names]
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Small local calibration (jsonl) and evaluation (txt) files: English-like text."""
-    d = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = "the of and to in a is that for it as was with be by on not he this are or his from".split()
-    docs = [" ".join(rng.choice(words, size=int(rng.integers(20, 200)))) for _ in range(40)]
-    (d / "calib.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs))
-    (d / "eval.txt").write_text("\n".join(docs[:20]))
-    return d
+    return write_corpus(tmp_path_factory.mktemp("corpus"), seed=0)
 
 
 def _cfg(corpus, **kw):
