@@ -27,8 +27,9 @@ PLOTS = {
     "05_convergence": ["05_convergence.png"],
     "06_reference_vs_gpu": ["06_reference_vs_gpu.png"],
     "07_whole_model": ["07_layer_errors.png"],
+    "08_beyond_the_paper": ["08_finish.png", "08_owl_profile.png", "08_owl_model.png"],
 }
-NEEDS_TORCH = {"06_reference_vs_gpu", "07_whole_model"}
+NEEDS_TORCH = {"06_reference_vs_gpu", "07_whole_model", "08_beyond_the_paper"}
 
 
 def _has(module: str) -> bool:
