@@ -350,10 +350,21 @@ class Staging:
                 shutil.rmtree(self.path)
             elif resume:
                 log.info("nothing to resume at %s; starting from the first block", self.path)
+            self._remove_leftovers()
             self.path.mkdir(parents=True)
             self.manifest = {"version": MANIFEST_VERSION, "fingerprint": fingerprint, "rest": None, "blocks": {}}
             self._save_manifest()
         return self.finished
+
+    def _remove_leftovers(self):
+        """Folders that killed runs of earlier versions left beside `out`: their temporary
+        save (``.<out>.tmp-*``), and a moved-aside old output (``.<out>.old-*``) once `out`
+        itself is complete again."""
+        patterns = [f".{self.out.name}.tmp-*"] + ([f".{self.out.name}.old-*"] if self.out.is_dir() else [])
+        for pattern in patterns:
+            for p in self.out.parent.glob(pattern):
+                log.info("removing %s, left by an interrupted run", p)
+                shutil.rmtree(p, ignore_errors=True)
 
     def _load(self, fingerprint: dict):
         try:

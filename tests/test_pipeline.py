@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,12 @@ BAD_CLI = [
     (["--model", "someone/not-a-real-model"], "someone/not-a-real-model"),
     (["--model", "GPT2"], "model.model.layers"),
     (["--out", "EXISTING"], "already exists"),
+    (["--out", "FILE/pruned"], "is a file, not a folder"),
+    (["--out", ".", "--overwrite"], "current folder"),
+    (["--seqlen", "1"], "--seqlen must be an integer >= 2"),
+    (["--model", "CORRUPT"], "not a readable safetensors file"),
+    (["--model", "NAN"], "holds NaN/Inf in the stored weights"),
+    (["--sparsity-profile", "owl", "--pattern", "2:4", "--sparsity", "none"], "unstructured"),
 ]
 
 
@@ -288,8 +295,19 @@ def test_cli_user_errors_one_line_nothing_written(extra, match, tiny_dir, corpus
     gpt2 = tmp_path / "gpt2"
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).save_pretrained(gpt2)
     models.tiny_tokenizer().save_pretrained(gpt2)
+    (tmp_path / "file").write_text("a file where a folder is expected")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_dir, corrupt)
+    (corrupt / "model.safetensors").write_bytes((corrupt / "model.safetensors").read_bytes()[:5000])
+    nan = tmp_path / "nan"
+    broken, _ = models.tiny_model("llama")
+    with torch.no_grad():
+        broken.model.layers[1].mlp.down_proj.weight[3, 3] = float("nan")
+    broken.save_pretrained(nan)
+    models.tiny_tokenizer().save_pretrained(nan)
     subs = {"EMPTY": str(tmp_path / "empty.jsonl"), "SHORT": str(tmp_path / "short.jsonl"),
-            "EXISTING": str(tmp_path / "existing"), "GPT2": str(gpt2)}
+            "EXISTING": str(tmp_path / "existing"), "GPT2": str(gpt2), "FILE/pruned": str(tmp_path / "file" / "pruned"),
+            "CORRUPT": str(corrupt), "NAN": str(nan)}
     extra = [subs.get(a, a) for a in extra]
     out = tmp_path / "out"
     args = ["prune", "--model", str(tiny_dir), "--calib", str(corpus / "calib.jsonl"), "--eval", "none",
@@ -301,6 +319,49 @@ def test_cli_user_errors_one_line_nothing_written(extra, match, tiny_dir, corpus
     assert "Traceback" not in err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "no temporary leftovers"
+
+
+def test_eval_checks_tasks_and_out_before_any_perplexity(tiny_dir, corpus, tmp_path, capsys, monkeypatch):
+    from admm_prune.gpu import evaluate
+
+    def never(*a, **k):
+        raise AssertionError("perplexity ran before the arguments were checked")
+
+    monkeypatch.setattr(evaluate, "perplexity", never)
+    base = ["eval", "--model", str(tiny_dir), "--eval", str(corpus / "eval.txt"), "--seqlen", "32",
+            "--no-progress", "--device", "cpu"]
+    (tmp_path / "file").write_text("x")
+    for extra, match in ((["--tasks", "nope", "--task-data", str(tmp_path)], "nope"),
+                         (["--tasks", "rte", "--task-data", str(tmp_path)], "rte"),
+                         (["--baseline", str(tmp_path / "missing")], "missing"),
+                         (["--out", str(tmp_path / "file" / "eval")], "is a file")):
+        code, stdout, err = _cli(base + extra, capsys)
+        assert code == cli.EXIT_USER_ERROR and match in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_out_prefix_keeps_its_dots(tiny_dir, corpus, tmp_path, capsys):
+    prefix = tmp_path / "zs-admm-grad-0.5-unstructured"
+    code, _, err = _cli(["eval", "--model", str(tiny_dir), "--eval", str(corpus / "eval.txt"), "--seqlen", "32",
+                         "--eval-windows", "2", "--no-progress", "--device", "cpu", "--out", str(prefix)], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zs-admm-grad-0.5-unstructured.json",
+                                                          "zs-admm-grad-0.5-unstructured.md"]
+
+
+def test_one_window_rule_and_mask_steps_only_where_used(corpus):
+    for make in (lambda: _cfg(corpus, seqlen=1), lambda: pipeline.EvalConfig(seqlen=1)):
+        with pytest.raises(pipeline.PipelineError, match="seqlen must be an integer >= 2"):
+            make()
+    _cfg(corpus, method="wanda", iters=5, mask_steps=15)  # wanda has no mask steps to check
+    with pytest.raises(pipeline.PipelineError, match="mask_steps"):
+        _cfg(corpus, method="admm-grad", iters=5, mask_steps=15)
+
+
+def test_report_records_the_model_and_device_used(tiny_dir, corpus, tmp_path):
+    pipeline.run_prune(_cfg(corpus, model=str(tiny_dir), eval=None, out=str(tmp_path / "o"), device=None))
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["model"]["path"] == str(tiny_dir) and rep["model"]["device"] == "cpu"
+    assert rep["model"]["files"] == {"model.safetensors": (tiny_dir / "model.safetensors").stat().st_size}
 
 
 def test_cli_module_entry_point_help():

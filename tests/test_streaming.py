@@ -208,6 +208,17 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(corpus, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck-llama", "out"]
 
 
+def test_a_fresh_run_removes_what_killed_runs_left(corpus, tmp_path):
+    ck = _save(tmp_path, "llama")
+    out = tmp_path / "out"
+    pipeline.run_prune(_cfg(corpus, model=str(ck), out=str(out)))
+    for leftover in (".out.tmp-abc123", ".out.old-4242", ".out.staging"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "model.safetensors").write_bytes(b"partial")
+    pipeline.run_prune(_cfg(corpus, model=str(ck), out=str(out), overwrite=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck-llama", "out"]
+
+
 def test_pickle_checkpoint_is_refused(tmp_path, corpus):
     model, tok = models.tiny_model("llama")
     path = tmp_path / "bin"
