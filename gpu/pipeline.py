@@ -129,7 +129,9 @@ def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, sparsity: float |
     groups = list(models_mod.linear_groups(block).values())
     if cfg.method == "magnitude":  # |W| only: every rank computes the same, nothing to share
         return [r for g in groups for r in prune_group(block, i, g, None, cfg, sparsity, callback, timer)]
-    collect = GramCollector if cfg.method != "wanda" or cfg.measure_errors else NormCollector
+    # Wanda's scores read only diag(XtX); the full Gram only for layer errors or a callback
+    full = cfg.method != "wanda" or cfg.measure_errors or callback is not None
+    collect = GramCollector if full else NormCollector
     records = []
     for stage in ([[g] for g in groups] if cfg.true_sequential else [groups]):
         with collect(block, [g[0] for g in stage], device, timer) as collector, timer("forward"):

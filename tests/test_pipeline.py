@@ -533,3 +533,11 @@ def test_wanda_from_column_norms_equals_wanda_from_the_gram(corpus):
     assert all(v >= 0 for v in phases.values())
     with pytest.raises(pipeline.PipelineError, match="layer_errors"):
         _cfg(corpus, method="magnitude", layer_errors=True)
+
+
+def test_a_callback_always_gets_the_full_gram(corpus):
+    model, tok = models.tiny_model("llama")
+    shapes = set()
+    pipeline.run_prune(_cfg(corpus, method="wanda", eval=None), model=model, tokenizer=tok,
+                       callback=lambda b, n, W, XtX, r: shapes.add(XtX.ndim))
+    assert shapes == {2}
