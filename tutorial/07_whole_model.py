@@ -70,9 +70,10 @@ else:
 
 
 def config(method, out=None, evaluate=True):
+    # layer_errors=True: Wanda alone needs no full Gram, but this chapter compares its errors
     return pipeline.PruneConfig(model=None, method=method, sparsity=0.5, calib=calib,
                                 eval=evalset if evaluate else None, out=out, overwrite=True,
-                                device="cpu", progress=False, **sizes)
+                                device="cpu", progress=False, layer_errors=True, **sizes)
 
 
 print(config("admm-grad"))
