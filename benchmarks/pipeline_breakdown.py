@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     print(markdown)
     if args.out:
         result = {"args": vars(args), "calibration": info, "versions": pipeline.versions(), "rows": rows}
-        pipeline._write_atomic(Path(args.out).with_suffix(".json"), json.dumps(result, indent=2, default=str))
-        pipeline._write_atomic(Path(args.out).with_suffix(".md"), markdown)
+        pipeline.write_atomic(Path(args.out + ".json"), json.dumps(result, indent=2, default=str))
+        pipeline.write_atomic(Path(args.out + ".md"), markdown)
     return 0
 
 

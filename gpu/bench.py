@@ -29,9 +29,9 @@ from admm_prune.reference import METHODS, parse_pattern
 
 from . import data as data_mod
 from . import models as models_mod
-from .report import PHASES, phase_totals
+from .report import PHASES, phase_totals, write_atomic
 from .pipeline import (
-    DTYPES, PipelineError, PruneConfig, _write_atomic, linear_sparsity, load_eval_windows, mean_layer_error,
+    DTYPES, PipelineError, PruneConfig, linear_sparsity, load_eval_windows, mean_layer_error,
     perplexity, prune_model, resolve_device, versions,
 )
 
@@ -264,8 +264,8 @@ def _save(result: dict, out: str | None) -> dict:
     result["ratios"] = _ratios(result["runs"])
     result["markdown"] = format_markdown(result)
     if out is not None:
-        _write_atomic(Path(out + ".json"), json.dumps(result, indent=2, default=str))
-        _write_atomic(Path(out + ".md"), result["markdown"])
+        write_atomic(Path(out + ".json"), json.dumps(result, indent=2, default=str))
+        write_atomic(Path(out + ".md"), result["markdown"])
     return result
 
 

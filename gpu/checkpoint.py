@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 
 from .config import PipelineError
 from .models import ModelError, decoder_layers
-from .report import usual_mode, write_atomic
+from .report import missing_parents, usual_mode, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -580,15 +580,10 @@ class OutputPlan:
             raise PipelineError(f"out {out} exists and is not a directory")
         if path.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
             raise PipelineError(f"out {out} is the current folder or holds it; choose a new folder")
-        for parent in reversed(path.absolute().parents):
-            if parent.exists():
-                if not parent.is_dir():
-                    raise PipelineError(f"out {out}: {parent} is a file, not a folder")
-                continue
-            self.created.append(parent)
-        first_existing = next(p for p in path.absolute().parents if p.exists())
-        if not os.access(first_existing, os.W_OK | os.X_OK):
-            raise PipelineError(f"out {out}: cannot write to {first_existing}")
+        try:
+            self.created = missing_parents(out)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
 
     def make_parents(self):
         self.out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from .calibration import capture_block_inputs, run_block, visiting
 from .checkpoint import InMemoryModel, open_model
 from .config import DTYPES, EvalConfig, PipelineError, resolve_device
 from .distributed import current, rank_device
-from .report import write_atomic
+from .report import missing_parents, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -199,11 +198,8 @@ def prepare_report_out(out: str | None) -> Path | None:
     path = Path(out)
     if path.exists() and path.is_dir():
         raise PipelineError(f"out {out} is a directory; give a path prefix such as runs/eval_dense")
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise PipelineError(f"out {out}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise PipelineError(f"out {out}: cannot write to {parent}")
-            break
+    try:
+        missing_parents(out)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
     return path

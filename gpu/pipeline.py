@@ -63,7 +63,6 @@ from .report import (  # noqa: F401
 from .solve import reconstruction_error
 
 log = logging.getLogger(__name__)
-_write_atomic = write_atomic  # the name benchmarks/ scripts import
 
 
 class RunInterrupted(KeyboardInterrupt):

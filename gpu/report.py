@@ -166,4 +166,18 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
-_write_atomic = write_atomic  # the name benchmarks/ scripts import
+def missing_parents(out: str) -> list[Path]:
+    """The folders above `out` that do not exist yet (outermost first), after checking that
+    the nearest existing one is a folder this process can write in. Raises ValueError naming
+    `out` (callers re-raise as their own error type)."""
+    path = Path(out).absolute()
+    missing = []
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"out {out}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"out {out}: cannot write to {parent}")
+            return missing[::-1]
+        missing.append(parent)
+    return missing[::-1]
