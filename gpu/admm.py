@@ -92,7 +92,11 @@ def factorize(G: torch.Tensor, rho: float) -> InverseFactor:
 
 
 def z_update(W: torch.Tensor, U: torch.Tensor, M: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Z = (W + U) * M: projection onto the matrices supported on M (into `out` if given)."""
+    """Z = (W + U) * M: projection onto the matrices supported on M (into `out` if given).
+
+    M may be bool or 0/1 in W's dtype (same result; the fast loop passes the latter, as a
+    bool factor is cast to W's dtype on every call: 2.1 vs 1.0 ms at (3072, 576) on a CPU).
+    """
     return torch.add(W, U, out=out).mul_(M)
 
 
@@ -179,7 +183,8 @@ def _admm_steps(
     exactly the named functions.
     """
     M, mask_steps = _initial_mask(W0, live, sparsity, pattern, group, mask, mask_steps)
-    kept = None if M is None else M.sum()
+    kept = None if M is None else M.count_nonzero()
+    Mz = None if M is None else M.to(W0.dtype)  # z_update multiplies by it: a bool M costs a cast per step
     Wk, U, Z_prev = W0, torch.zeros_like(W0), W0
     tmp = torch.empty_like(W0) if reuse else None
     spare = None  # a buffer free for the next Z (reuse)
@@ -187,8 +192,8 @@ def _admm_steps(
         if t < mask_steps:
             M = mask_update(Wk, U, live, cubic_sparsity(t + 1, mask_steps, sparsity), pattern, group,
                             work=tmp)
-            kept = M.sum()
-        Z = z_update(Wk, U, M, out=spare)                      # z-update
+            kept, Mz = M.count_nonzero(), M.to(W0.dtype)
+        Z = z_update(Wk, U, Mz, out=spare)                     # z-update
         U = u_update(U, Wk, Z, out=U if reuse else None)       # u-update
         primal = torch.linalg.vector_norm(torch.sub(Wk, Z, out=tmp))
         dual = rho * torch.linalg.vector_norm(torch.sub(Z, Z_prev, out=tmp))

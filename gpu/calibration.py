@@ -148,7 +148,26 @@ class GramCollector:
 
     @staticmethod
     def _accumulate(buf: torch.Tensor, x: torch.Tensor):
-        buf.addmm_(x.T, x)  # XtX += x^T x
+        """XtX += x^T x. On a CPU only the blocks on and above the diagonal of a grid of
+        ~384-wide column blocks (`_sym_edges`), mirrored once by `_finish`: torch has no
+        symmetric rank-k update, and the blocked GEMMs skip ~40 % of the flops (measured on
+        this project's 2-core CPU, 16384 tokens: d_in 576 81 -> 62 ms, 1536 592 -> 391 ms).
+        On CUDA one GEMM (the blocked form is not measured there)."""
+        edges = _sym_edges(x.shape[1], x.device)
+        if edges is None:
+            buf.addmm_(x.T, x)
+            return
+        for i, (a, b) in enumerate(zip(edges, edges[1:])):
+            for c, e in zip(edges[i:], edges[i + 1:]):
+                buf[a:b, c:e].addmm_(x[:, a:b].T, x[:, c:e])
+
+    @staticmethod
+    def _finish(buf: torch.Tensor):
+        """Mirror the upper blocks `_accumulate` filled into the lower ones."""
+        edges = _sym_edges(buf.shape[0], buf.device)
+        for i, (a, b) in enumerate(zip(edges or (), (edges or ())[1:])):
+            for c, e in zip(edges[i + 1:], edges[i + 2:]):
+                buf[c:e, a:b] = buf[a:b, c:e].T
 
     def _hook(self, name):
         def hook(module, args, output):
@@ -170,8 +189,19 @@ class GramCollector:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self.remove()
+        if exc_type is None:
+            for buf in self.grams.values():
+                self._finish(buf)
+
+
+def _sym_edges(d: int, device: torch.device) -> list[int] | None:
+    """Column-block edges for `GramCollector._accumulate` (None: one plain GEMM)."""
+    nb = round(d / 384)
+    if device.type != "cpu" or nb < 2:
+        return None
+    return [round(d * i / nb) for i in range(nb + 1)]
 
 
 class NormCollector(GramCollector):
@@ -185,3 +215,7 @@ class NormCollector(GramCollector):
     @staticmethod
     def _accumulate(buf: torch.Tensor, x: torch.Tensor):
         buf.add_(x.square().sum(0))  # diag(XtX) += sum_t x_t^2
+
+    @staticmethod
+    def _finish(buf: torch.Tensor):
+        pass

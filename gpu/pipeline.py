@@ -60,7 +60,7 @@ from .prune import PruneResult, prune_shared
 from .report import (  # noqa: F401
     NO_TIMER, LinearRecord, PhaseTimer, PruneReport, mean_layer_error, peak_memory, versions, write_atomic,
 )
-from .solve import reconstruction_error
+from .solve import reconstruction_errors
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,7 @@ def prune_group(block, block_idx: int, names: list[str], XtX: torch.Tensor | Non
         if cfg.measure_errors:
             with timer("errors"):
                 Wf = W.to(torch.float32)
-                errors = (reconstruction_error(Wf, Wf * res.mask, XtX),
-                          reconstruction_error(Wf, res.W.to(torch.float32), XtX))
+                errors = reconstruction_errors(Wf, [Wf * res.mask, res.W.to(torch.float32)], XtX)
         records.append(LinearRecord(
             block=block_idx, name=n, shape=tuple(W.shape), sparsity=float((lin.weight == 0).float().mean()),
             error_mask_only=errors[0], error_pruned=errors[1], seconds=seconds))

@@ -66,16 +66,27 @@ def reconstruction_error(W_dense: torch.Tensor, W_pruned: torch.Tensor, XtX: tor
     Undamped. 0 when both are 0 (a layer that sees no input). Computed in float64 if any
     input is float64, else float32; one host sync.
     """
+    return reconstruction_errors(W_dense, [W_pruned], XtX)[0]
+
+
+def reconstruction_errors(W_dense: torch.Tensor, W_pruned: list, XtX: torch.Tensor) -> list[float]:
+    """`reconstruction_error` of each of `W_pruned` against one W_dense and XtX: the inputs
+    checked and the denominator computed once (the engine's two errors per linear: 3
+    GEMMs instead of 4), one host sync."""
     W_dense = check_weights(W_dense)
-    W_pruned = as_tensor(W_pruned, W_dense.device)
-    if tuple(W_pruned.shape) != tuple(W_dense.shape):
-        raise ValueError(f"W_pruned must have the shape of W_dense {tuple(W_dense.shape)}, "
-                         f"got {tuple(W_pruned.shape)}")
     XtX = check_gram(XtX, W_dense.shape[1], W_dense.device)
-    dtype = compute_dtype(W_dense, W_pruned, XtX)
+    W_pruned = [as_tensor(W, W_dense.device) for W in W_pruned]
+    for W in W_pruned:
+        if tuple(W.shape) != tuple(W_dense.shape):
+            raise ValueError(f"W_pruned must have the shape of W_dense {tuple(W_dense.shape)}, "
+                             f"got {tuple(W.shape)}")
+    dtype = compute_dtype(W_dense, XtX, *W_pruned)
     W_dense, XtX = W_dense.to(dtype), XtX.to(dtype)
-    D = W_pruned.to(dtype) - W_dense
-    num, den = torch.stack([(D @ XtX).mul_(D).sum(), (W_dense @ XtX).mul_(W_dense).sum()]).tolist()
+    sums = [(W_dense @ XtX).mul_(W_dense).sum()]
+    for W in W_pruned:
+        D = W.to(dtype) - W_dense
+        sums.append((D @ XtX).mul_(D).sum())
+    den, *nums = torch.stack(sums).tolist()
     if den == 0.0:
-        return 0.0 if num == 0.0 else float("inf")
-    return num / den
+        return [0.0 if num == 0.0 else float("inf") for num in nums]
+    return [num / den for num in nums]

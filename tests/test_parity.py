@@ -190,6 +190,23 @@ def test_select_mask_same_tie_break(seed, d_out, groups, pattern, group, frac, l
                                   R.select_mask(scores, s, pattern, group))
 
 
+@given(seed=st.integers(0, 2**16), d_in=st.integers(65, 300), frac=st.floats(0.0, 1.0),
+       levels=st.sampled_from([2, 5, 0]), special=st.sampled_from(["none", "+0", "-0", "inf"]))
+def test_select_mask_float32_rows_same_as_reference(seed, d_in, frac, levels, special):
+    """Rows of float32 scores (the solver's dtype) take the CPU's int32-bits threshold path
+    when no sign bit is set; with -0.0 (which equals +0.0 but not as bits) the float path:
+    either way the reference's mask, ties included."""
+    rng = np.random.default_rng(seed)
+    scores = (rng.integers(0, levels, size=(5, d_in)) if levels else rng.random((5, d_in))).astype(np.float32)
+    cells = rng.random(scores.shape) < 0.3
+    if special != "none":
+        scores[cells] = {"+0": 0.0, "-0": -0.0, "inf": np.inf}[special]
+    k = int(frac * d_in)  # the row rule behind select_mask (+inf: gradual N:M's protected scores)
+    from admm_prune.gpu.masks import _prune_lowest as gpu_rule
+    from admm_prune.reference.masks import _prune_lowest as ref_rule
+    np.testing.assert_array_equal(n(gpu_rule(torch.from_numpy(scores), k)), ref_rule(scores, k))
+
+
 @given(seed=st.integers(0, 2**16), d_out=st.integers(1, 6), d_in=st.integers(2, 30),
        sparsity=st.sampled_from([0.25, 0.5, 0.75]), damp=st.sampled_from([0.0, 0.1, 1.0]),
        dead=st.integers(0, 2))
