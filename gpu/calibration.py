@@ -148,11 +148,21 @@ class GramCollector:
 
     @staticmethod
     def _accumulate(buf: torch.Tensor, x: torch.Tensor):
-        """XtX += x^T x. On a CPU only the blocks on and above the diagonal of a grid of
-        ~384-wide column blocks (`_sym_edges`), mirrored once by `_finish`: torch has no
-        symmetric rank-k update, and the blocked GEMMs skip ~40 % of the flops (measured on
-        this project's 2-core CPU, 16384 tokens: d_in 576 81 -> 62 ms, 1536 592 -> 391 ms).
-        On CUDA one GEMM (the blocked form is not measured there)."""
+        """XtX += x^T x in float32, for inputs x of the model's dtype.
+
+        CUDA, fp16/bf16 inputs: one half-precision GEMM with float32 output
+        (``torch.mm(..., out_dtype=float32)``, tensor cores): the product of two fp16 or
+        bf16 numbers is exact in float32, so this is the float32 Gram of the same inputs
+        up to summation order (not measured on a GPU in this project yet). Otherwise x is
+        cast to float32; on a CPU only the blocks on and above the diagonal of a grid of
+        ~384-wide column blocks (`_sym_edges`) are computed, mirrored once by `_finish`:
+        torch has no symmetric rank-k update, and the blocked GEMMs skip ~40 % of the
+        flops (measured on this project's 2-core CPU, 16384 tokens: d_in 576 81 -> 62 ms,
+        1536 592 -> 391 ms)."""
+        if x.device.type == "cuda" and x.dtype in _HALF and _MM_OUT_DTYPE:
+            buf.add_(torch.mm(x.T, x, out_dtype=torch.float32))
+            return
+        x = x.to(torch.float32)
         edges = _sym_edges(x.shape[1], x.device)
         if edges is None:
             buf.addmm_(x.T, x)
@@ -172,7 +182,7 @@ class GramCollector:
     def _hook(self, name):
         def hook(module, args, output):
             with self._timed():
-                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
+                x = args[0].reshape(-1, args[0].shape[-1])
                 self._accumulate(self.grams[name], x)
             self.tokens[name] += x.shape[0]
 
@@ -196,6 +206,10 @@ class GramCollector:
                 self._finish(buf)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) exists (CUDA kernels)
+
+
 def _sym_edges(d: int, device: torch.device) -> list[int] | None:
     """Column-block edges for `GramCollector._accumulate` (None: one plain GEMM)."""
     nb = round(d / 384)
@@ -214,7 +228,7 @@ class NormCollector(GramCollector):
 
     @staticmethod
     def _accumulate(buf: torch.Tensor, x: torch.Tensor):
-        buf.add_(x.square().sum(0))  # diag(XtX) += sum_t x_t^2
+        buf.add_(x.to(torch.float32).square().sum(0))  # diag(XtX) += sum_t x_t^2
 
     @staticmethod
     def _finish(buf: torch.Tensor):

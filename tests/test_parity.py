@@ -536,3 +536,25 @@ def test_parameters_with_grad_are_pruned_without_autograd():
         assert not r.W.requires_grad and r.W.grad_fn is None
     states = list(G.admm_iterates(Wp, t(XtX), 0.5, iters=3, mask_steps=2))
     assert torch.is_grad_enabled() and not any(s.W.requires_grad for s in states)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d_in", [100, 576, 1000])
+def test_gram_collector_equals_xtx(d_in, dtype, device):
+    """X^T X in float32 of the inputs the linear sees: the CPU's blocked upper triangle
+    (mirrored on exit), CUDA's half-precision GEMM with float32 output."""
+    from admm_prune.gpu.calibration import GramCollector
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    block = torch.nn.Sequential(torch.nn.Linear(d_in, 3)).to(device, dtype)
+    x = torch.randn(5, 40, d_in, device=device).to(dtype)
+    with torch.no_grad(), GramCollector(block, ["0"], torch.device(device)) as c:
+        for i in range(len(x)):
+            block(x[i])
+    X = x.reshape(-1, d_in).double()
+    got = c.grams["0"]
+    assert got.dtype == torch.float32 and c.tokens["0"] == 200
+    assert torch.equal(got, got.T) or device == "cuda"
+    torch.testing.assert_close(got.double(), X.T @ X, rtol=1e-5, atol=1e-4)
