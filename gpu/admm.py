@@ -117,7 +117,10 @@ def w_update(
     `factor` is `factorize`'s (one GEMM). `work`: a scratch buffer for B + rho (Z - U);
     `out` must not alias it, Z, U or B.
     """
-    return factor.solve(torch.sub(Z, U, out=work).mul_(rho).add_(B), out=out)
+    R = torch.sub(Z, U, out=work)
+    if rho != 1.0:  # x * 1.0 == x: the pass is skipped at the default rho, same result
+        R.mul_(rho)
+    return factor.solve(R.add_(B), out=out)
 
 
 def mask_update(
@@ -168,7 +171,7 @@ def _initial_mask(W0, live, sparsity, pattern, group, mask, mask_steps):
 def _admm_steps(
     W0: torch.Tensor, G: torch.Tensor, live: torch.Tensor, factor: InverseFactor, B: torch.Tensor,
     sparsity: float | None, pattern: str, group: str, rho: float, iters: int, mask_steps: int,
-    mask: torch.Tensor | None, track_objective: bool, reuse: bool = False,
+    mask: torch.Tensor | None, track_objective: bool, reuse: bool = False, residuals: bool = True,
 ) -> Iterator[_Step]:
     """The ADMM loop, without host syncs (the records stay 0-dim device tensors).
 
@@ -178,7 +181,8 @@ def _admm_steps(
     on a CPU a fresh 180 MB tensor costs ~5x an in-place pass (page faults). Then a
     yielded state is only valid until the next one. With ``reuse=False``
     (`admm_iterates`) every state is fresh. Same operations, same rounding, either way
-    (and the reference's). W + U is formed twice (by z_update and u_update): one extra
+    (and the reference's). ``residuals=False`` skips the two residual norms (their
+    records are None). W + U is formed twice (by z_update and u_update): one extra
     elementwise pass per iteration, ~1/d_in of the GEMM's time, for updates that are
     exactly the named functions.
     """
@@ -195,8 +199,10 @@ def _admm_steps(
             kept, Mz = M.count_nonzero(), M.to(W0.dtype)
         Z = z_update(Wk, U, Mz, out=spare)                     # z-update
         U = u_update(U, Wk, Z, out=U if reuse else None)       # u-update
-        primal = torch.linalg.vector_norm(torch.sub(Wk, Z, out=tmp))
-        dual = rho * torch.linalg.vector_norm(torch.sub(Z, Z_prev, out=tmp))
+        primal = dual = None  # residuals=False: not recorded (the engine reads no history)
+        if residuals:
+            primal = torch.linalg.vector_norm(torch.sub(Wk, Z, out=tmp))
+            dual = rho * torch.linalg.vector_norm(torch.sub(Z, Z_prev, out=tmp))
         Wk = w_update(factor, B, Z, U, rho, out=Wk if reuse and Wk is not W0 else None,
                       work=tmp)                                # w-update
         obj = _objective(Z, W0, G) if track_objective else None

@@ -139,7 +139,8 @@ class PruneConfig:
         """The keyword arguments of `prune_shared` this run uses."""
         return dict(method=self.method, pattern=self.pattern, group=self.group, rho=self.rho,
                     damp=self.damp, iters=self.iters, mask_steps=self.mask_steps,
-                    polish_iters=self.polish_iters, track_objective=False, allow_tf32=self.allow_tf32)
+                    polish_iters=self.polish_iters, track_objective=False, allow_tf32=self.allow_tf32,
+                    track_residuals=False)
 
     def fingerprint(self) -> dict:
         """The fields that decide the pruned weights: a resumed run must match them all."""

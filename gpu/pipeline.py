@@ -9,12 +9,14 @@ The plumbing half of the torch backend; each job has its own room:
     report.py       per-linear records, versions, peak memory
     pipeline.py     this file: the block loop (`prune_model`) and the main job (`run_prune`)
 
-Per block: (1) run the block on every calibration sample with forward hooks that accumulate
-one Gram per distinct input (q/k/v share one, gate/up share one: 4 Grams, not 7); (2) prune
-each group's linears with one factorization (`prune_shared`); (3) run the pruned block again
-to make the next block's inputs; (4) hand the block to the staging folder, which writes it
-at once. `true_sequential=True` instead collects each group's Gram after the groups before it
-in the block are pruned (4 forward passes per block instead of 2).
+Per block: (1) run the block on every calibration sample with forward pre-hooks that
+accumulate one Gram per distinct input (q/k/v share one, gate/up share one: 4 Grams, not 7),
+each forward stopped once down_proj's input is seen (`calibrate_block`: its outputs are not
+needed); (2) prune each group's linears with one factorization (`prune_shared`); (3) run the
+pruned block again to make the next block's inputs (not after the last pruned block); (4)
+hand the block to the staging folder, which writes it at once. `true_sequential=True`
+instead collects each group's Gram after the groups before it in the block are pruned (4
+partial forward passes per block instead of 1, each stopped at its group's input).
 
 Memory. Host: the tensors outside the blocks, one block, the calibration activations
 (unless on the device); it does not grow with depth (`paper_notes/streaming.md`). Device:
@@ -45,7 +47,9 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import models as models_mod
 from ._checks import compute_dtype
-from .calibration import GramCollector, NormCollector, capture_block_inputs, release_memory, run_block, visiting
+from .calibration import (
+    GramCollector, NormCollector, calibrate_block, capture_block_inputs, release_memory, run_block, visiting,
+)
 from .checkpoint import InMemoryModel, OutputPlan, StagedBlocks, Staging, block_state_dict, open_model, rest_state_dict
 from .config import DTYPES, EvalConfig, PipelineError, PruneConfig, resolve_device
 from .distributed import Dist, current, rank_device
@@ -118,7 +122,7 @@ def prune_group(block, block_idx: int, names: list[str], XtX: torch.Tensor | Non
 
 
 @torch.no_grad()
-def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, sparsity: float | None, device, scratch,
+def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, sparsity: float | None, device,
                 callback: Callable | None = None, timer: PhaseTimer = NO_TIMER, dist: Dist = Dist(),
                 ) -> list[LinearRecord]:
     """Prune one block in place: Grams (or Wanda's column norms) from a forward over `inps`,
@@ -132,8 +136,8 @@ def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, sparsity: float |
     collect = GramCollector if full else NormCollector
     records = []
     for stage in ([[g] for g in groups] if cfg.true_sequential else [groups]):
-        with collect(block, [g[0] for g in stage], device, timer) as collector, timer("forward"):
-            run_block(block, inps, kwargs, device, scratch)
+        with collect(block, [g[0] for g in stage], device, timer, stop=True) as collector, timer("forward"):
+            calibrate_block(block, inps, kwargs, device)
         owners = dist.assign([_solve_cost(block, g, cfg) for g in stage])
         mine = []
         with timer("share"):
@@ -244,9 +248,9 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
             if i in done:  # pruned before the interruption: its forward only
                 recs = [LinearRecord(**r) for r in done[i]["records"]]
             else:
-                recs = (prune_block(block, i, inps, kwargs, cfg, targets[i], device, outs, callback, timer, dist)
+                recs = (prune_block(block, i, inps, kwargs, cfg, targets[i], device, callback, timer, dist)
                         if i < nblocks else [])
-            if inps is not None and i < nblocks:
+            if inps is not None and i < nblocks - 1:  # the next block's inputs (none after the last)
                 with timer("forward"):
                     run_block(block, inps, kwargs, device, outs)
                 _check_finite(outs, f"block {i} outputs after pruning")

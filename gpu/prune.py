@@ -41,6 +41,7 @@ def prune_layer(
     polish_iters: int = 0,
     polish_damp: float | None = None,
     allow_tf32: bool = False,
+    track_residuals: bool = True,
 ) -> PruneResult:
     """W^ = argmin ||X W^T - X W^^T||^2 over W^ = W^ * M, with M chosen by `method`.
 
@@ -54,13 +55,17 @@ def prune_layer(
     allow_tf32 : let float32 CUDA matmuls use TF32 (faster, ~1e-3 relative precision per
         product). Off by default: the call pins cuBLAS to IEEE fp32 and restores the
         previous setting on return (`linalg.matmul_precision`). Not in the reference.
-    track_objective : record the objective (one extra GEMM per iteration); residuals and
-        sparsity are always recorded. The finish records its objective at no extra cost.
+    track_objective : record the objective (one extra GEMM per iteration); sparsity is
+        always recorded. The finish records its objective at no extra cost.
+    track_residuals : record the primal and dual residuals (four elementwise passes per
+        iteration, as much as ~20 % of a CPU solve); NaN in the history when off. The
+        engine turns it off: it reads no history. Not in the reference.
     """
     return prune_shared(
         [W], XtX, sparsity, method=method, pattern=pattern, group=group, rho=rho, damp=damp,
         iters=iters, mask_steps=mask_steps, mask=mask, track_objective=track_objective,
         polish_iters=polish_iters, polish_damp=polish_damp, allow_tf32=allow_tf32,
+        track_residuals=track_residuals,
     )[0]
 
 
@@ -80,7 +85,7 @@ def _prune_shared(
     Ws: list, XtX, sparsity, *, method: str = "admm-grad", pattern: str = "unstructured",
     group: str = "row", rho: float = 1.0, damp: float | None = None, iters: int = 20,
     mask_steps: int = 15, mask=None, track_objective: bool = True, polish_iters: int = 0,
-    polish_damp: float | None = None, allow_tf32: bool = False,
+    polish_damp: float | None = None, allow_tf32: bool = False, track_residuals: bool = True,
 ) -> list[PruneResult]:
     check_method(method)
     problems = []
@@ -102,7 +107,7 @@ def _prune_shared(
             if dtype not in shared:
                 shared[dtype] = _shared(p.XtX, dtype, method, damp, rho, polish_iters, polish_damp)
             results.append(_prune_one(p, method, dtype, shared[dtype], pattern, group, rho, iters,
-                                      mask_steps, track_objective, polish_iters))
+                                      mask_steps, track_objective, polish_iters, track_residuals))
     return results
 
 
@@ -125,7 +130,7 @@ def _shared(XtX, dtype, method, damp, rho, polish_iters, polish_damp) -> dict:
 
 
 def _prune_one(p, method, dtype, shared, pattern, group, rho, iters, mask_steps, track_objective,
-               polish_iters):
+               polish_iters, track_residuals=True):
     W = p.W.to(dtype)
     history, W0, B = (), None, None
     if method in ("magnitude", "wanda"):
@@ -147,6 +152,7 @@ def _prune_one(p, method, dtype, shared, pattern, group, rho, iters, mask_steps,
         for state in _admm_steps(
             W0, G, live, factor, B, p.sparsity, pattern, group, rho, iters,
             mask_steps if method == "admm-grad" else 0, p.mask, track_objective, reuse=True,
+            residuals=track_residuals,
         ):
             records.append(state._replace(W=None, Z=None, U=None, M=None))  # keep the scalars only
         history = _history(records, W0.numel(), W0.device)
@@ -171,9 +177,9 @@ def _prune_one(p, method, dtype, shared, pattern, group, rho, iters, mask_steps,
 def _history(steps, numel: int, device) -> tuple[IterationRecord, ...]:
     """The steps' device records as IterationRecords, with one host sync for all of them."""
     nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
-    cols = [torch.stack([s.objective.double() if s.objective is not None else nan,
-                         s.primal_residual.double(), s.dual_residual.double(),
-                         s.kept.double()]) for s in steps]
+    cols = [torch.stack([nan if v is None else v.double()
+                         for v in (s.objective, s.primal_residual, s.dual_residual, s.kept)])
+            for s in steps]
     rows = torch.stack(cols).tolist()
     return tuple(IterationRecord(s.k, obj, primal, dual, 1.0 - int(kept) / numel)
                  for s, (obj, primal, dual, kept) in zip(steps, rows))

@@ -558,3 +558,17 @@ def test_gram_collector_equals_xtx(d_in, dtype, device):
     assert got.dtype == torch.float32 and c.tokens["0"] == 200
     assert torch.equal(got, got.T) or device == "cuda"
     torch.testing.assert_close(got.double(), X.T @ X, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["admm", "admm-grad"])
+def test_untracked_residuals_change_nothing_but_the_records(method):
+    """track_residuals=False (the engine's setting) skips the residual norms only: the same
+    weights and mask bit for bit, NaN residuals, the same sparsity records."""
+    W, XtX, _ = outlier_layer(3, 12, 40, n_tokens=200)
+    W, XtX = t(W).float(), t(XtX).float()
+    on = G.prune_layer(W, XtX, 0.6, method=method, track_objective=False)
+    off = G.prune_layer(W, XtX, 0.6, method=method, track_objective=False, track_residuals=False)
+    assert torch.equal(on.W, off.W) and torch.equal(on.mask, off.mask)
+    assert all(math.isnan(r.primal_residual) and math.isnan(r.dual_residual) for r in off.history)
+    assert [r.sparsity for r in on.history] == [r.sparsity for r in off.history]
+    assert all(r.primal_residual >= 0 for r in on.history)

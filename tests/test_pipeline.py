@@ -136,6 +136,29 @@ def test_grams_are_shared_and_capture_all_tokens(corpus):
     assert float(torch.trace(seen[(0, "self_attn.q_proj")])) > 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_stopped_calibration_forward_gives_the_full_forwards_grams(arch):
+    """`calibrate_block` with stop=True ends each forward at the last leader's input: the
+    Grams and token counts equal those of full forwards, and down_proj itself never runs."""
+    from admm_prune.gpu.calibration import GramCollector, calibrate_block, capture_block_inputs, run_block
+
+    model, _ = models.tiny_model(arch)
+    ids = torch.randint(0, model.config.vocab_size, (3, 16))
+    inps, kwargs = capture_block_inputs(model, ids, torch.device("cpu"), torch.device("cpu"), progress=False)
+    block = model.model.layers[0]
+    leaders = [g[0] for g in models.linear_groups(block).values()]
+    with GramCollector(block, leaders, torch.device("cpu")) as full:
+        run_block(block, inps, kwargs, "cpu")
+    calls = []
+    down = block.get_submodule(leaders[-1]).register_forward_hook(lambda *a: calls.append(1))
+    with GramCollector(block, leaders, torch.device("cpu"), stop=True) as stopped:
+        calibrate_block(block, inps, kwargs, "cpu")
+    down.remove()
+    assert calls == [] and stopped.tokens == full.tokens == {n: 48 for n in leaders}
+    for n in leaders:
+        assert torch.equal(stopped.grams[n], full.grams[n]), n
+
+
 def test_blockwise_perplexity_equals_whole_model(corpus):
     """Block-by-block evaluation == the plain forward (also: no KV cache leaks between windows)."""
     model, tok = models.tiny_model("mistral")
