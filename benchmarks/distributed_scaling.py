@@ -65,8 +65,9 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def compare(one: Path, many: Path, r1: dict, rn: dict) -> dict:
     a, b = tensors(one), tensors(many)
-    flips = sum(int(((a[k] == 0) != (b[k] == 0)).sum()) for k in a)
-    total = sum(a[k].numel() for k in a)
+    pruned = [f"model.layers.{r['block']}.{r['name']}.weight" for r in r1["linears"]]  # not the untouched blocks
+    flips = sum(int(((a[k] == 0) != (b[k] == 0)).sum()) for k in pruned)
+    total = sum(a[k].numel() for k in pruned)
     errors = [(x["error_pruned"], y["error_pruned"]) for x, y in zip(r1["linears"], rn["linears"])
               if x["error_pruned"] is not None]
     rel = [abs(y - x) / x for x, y in errors if x > 0]
