@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from admm_prune.gpu.report import phase_totals
+
 
 def run(ranks: int, threads: int, prune_args: list[str], out: Path) -> dict:
     cmd = [sys.executable, "-m", "admm_prune.gpu", "prune", *prune_args, "--no-progress", "--out", str(out)]
@@ -48,7 +50,7 @@ def run(ranks: int, threads: int, prune_args: list[str], out: Path) -> dict:
     report = json.loads((out / "report.json").read_text())
     return {"ranks": ranks, "threads": threads, "wall_seconds": wall,
             "prune_seconds": report["prune_seconds"], "world_size": report["world_size"],
-            "phase_seconds": report["summary"]["phase_seconds"] if "summary" in report else None,
+            "phase_seconds": phase_totals(report["block_phases"]),
             "perplexity": report.get("perplexity"), "linears": report["linears"]}
 
 
