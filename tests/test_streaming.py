@@ -265,7 +265,10 @@ RSS_SCRIPT = textwrap.dedent("""
 
 
 def test_peak_rss_does_not_grow_with_depth(corpus, tmp_path):
-    """Loose: 12 blocks of ~13 MB (fp32) against 2; the benchmark has the tight figure."""
+    """Loose: 12 blocks of ~13 MB (fp32) against 2; the benchmark has the tight figure. Each
+    depth's peak is the lower of two runs: single runs of the same depth vary by up to ~45 MB
+    on the 2-core CI machine (allocator and thread timing), an in-memory load adds 10 blocks
+    (136 MB)."""
     script = tmp_path / "rss.py"
     script.write_text(RSS_SCRIPT)
     peaks = {}
@@ -273,9 +276,12 @@ def test_peak_rss_does_not_grow_with_depth(corpus, tmp_path):
         ck = _save(tmp_path / str(depth), "llama", hidden_size=512, intermediate_size=1536,
                    num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=depth)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # glibc's default allocator (release_memory trims it)
-        proc = subprocess.run([sys.executable, str(script), str(ck), str(corpus / "calib.jsonl")],
-                              env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        peaks[depth] = int(proc.stdout.strip().splitlines()[-1])
+        runs = []
+        for _ in range(2):
+            proc = subprocess.run([sys.executable, str(script), str(ck), str(corpus / "calib.jsonl")],
+                                  env=env, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            runs.append(int(proc.stdout.strip().splitlines()[-1]))
+        peaks[depth] = min(runs)
     block = (4 * 512 * 512 + 3 * 512 * 1536) * 4
-    assert peaks[12] - peaks[2] < 3 * block, (peaks, block)  # an in-memory load would add 10 blocks
+    assert peaks[12] - peaks[2] < 5 * block, (peaks, block)  # an in-memory load would add 10 blocks
