@@ -137,7 +137,15 @@ def calibrate_block(block, hiddens: torch.Tensor, kwargs: dict, device):
 
 
 class GramCollector:
-    """Forward pre-hooks accumulating XtX = sum x x^T (fp32) of the inputs of chosen linears.
+    """Forward pre-hooks accumulating XtX = sum x x^T of the inputs of chosen linears.
+
+    Each sample's x^T x is a float32 product added into a float64 sum (`ACCUMULATE`): the
+    sum then does not depend on the order of the samples, so ranks that each sum their
+    share and add the shares (`Dist.sum_`) get the Gram one process gets, up to float64
+    rounding, and the float32 Gram the solvers read (cast after the sum) is almost always
+    the same bits. Summed in float32, 2 ranks and 1 process differed in 1.76 % of SmolLM2's
+    mask entries and 0.19 % in perplexity (paper_notes/distributed.md); the float64 sum
+    costs ~15-20 % of the Gram's time on this project's CPU (the Gram is ~13 % of a run).
 
     A context manager: the hooks are removed on exit, whatever happens inside. With
     ``stop=True`` the hook of the last of `names` to run in a forward stops that forward
@@ -159,11 +167,12 @@ class GramCollector:
 
     @staticmethod
     def _zeros(d_in: int, device) -> torch.Tensor:
-        return torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
+        return torch.zeros(d_in, d_in, dtype=ACCUMULATE, device=device)
 
     @staticmethod
     def _accumulate(buf: torch.Tensor, x: torch.Tensor):
-        """XtX += x^T x in float32, for inputs x of the model's dtype.
+        """XtX += x^T x (a float32 product, added into the float64 `buf`), for inputs x of
+        the model's dtype.
 
         CUDA, fp16/bf16 inputs: one half-precision GEMM with float32 output
         (``torch.mm(..., out_dtype=float32)``, tensor cores): the product of two fp16 or
@@ -180,11 +189,11 @@ class GramCollector:
         x = x.to(torch.float32)
         edges = _sym_edges(x.shape[1], x.device)
         if edges is None:
-            buf.addmm_(x.T, x)
+            buf.add_(torch.mm(x.T, x))
             return
         for i, (a, b) in enumerate(zip(edges, edges[1:])):
             for c, e in zip(edges[i:], edges[i + 1:]):
-                buf[a:b, c:e].addmm_(x[:, a:b].T, x[:, c:e])
+                buf[a:b, c:e].add_(torch.mm(x[:, a:b].T, x[:, c:e]))
 
     @staticmethod
     def _finish(buf: torch.Tensor):
@@ -226,6 +235,7 @@ class GramCollector:
                 self._finish(buf)
 
 
+ACCUMULATE = torch.float64  # the collectors' sums: independent of sample order (class docstring)
 _HALF = (torch.float16, torch.bfloat16)
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) exists (CUDA kernels)
 
@@ -239,12 +249,13 @@ def _sym_edges(d: int, device: torch.device) -> list[int] | None:
 
 
 class NormCollector(GramCollector):
-    """Forward hooks accumulating diag(XtX) = sum x^2 per input feature (fp32): the squared
+    """Forward hooks accumulating diag(XtX) = sum x^2 per input feature (float64 sum, like
+    the Grams): the squared
     column norms ||X_j||^2 that Wanda's and OWL's scores need, without d_in x d_in Grams."""
 
     @staticmethod
     def _zeros(d_in: int, device) -> torch.Tensor:
-        return torch.zeros(d_in, dtype=torch.float32, device=device)
+        return torch.zeros(d_in, dtype=ACCUMULATE, device=device)
 
     @staticmethod
     def _accumulate(buf: torch.Tensor, x: torch.Tensor):
@@ -253,3 +264,4 @@ class NormCollector(GramCollector):
     @staticmethod
     def _finish(buf: torch.Tensor):
         pass
+

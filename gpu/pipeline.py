@@ -139,13 +139,12 @@ def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, sparsity: float |
         with collect(block, [g[0] for g in stage], device, timer, stop=True) as collector, timer("forward"):
             calibrate_block(block, inps, kwargs, device)
         owners = dist.assign([_solve_cost(block, g, cfg) for g in stage])
+        with timer("share"):  # summed in float64 over the ranks, then the solvers' float32
+            grams = [dist.sum_(collector.grams[g[0]]).float() for g in stage]
         mine = []
-        with timer("share"):
-            for g in stage:
-                dist.sum_(collector.grams[g[0]])
-        for g, owner in zip(stage, owners):
+        for g, gram, owner in zip(stage, grams, owners):
             if owner == dist.rank:
-                mine += prune_group(block, i, g, collector.grams[g[0]], cfg, sparsity, callback, timer)
+                mine += prune_group(block, i, g, gram, cfg, sparsity, callback, timer)
         with timer("share"):
             for g, owner in zip(stage, owners):
                 for n in g:
@@ -198,7 +197,7 @@ def block_targets(model, calib_ids: torch.Tensor | None, cfg: PruneConfig) -> di
             with NormCollector(block, [g[0] for g in groups], device) as norms:
                 run_block(block, inps, kwargs, device, outs)
             Ws = [block.get_submodule(n).weight for g in groups for n in g]
-            cols = [dist.sum_(norms.grams[g[0]]).sqrt() for g in groups for _ in g]
+            cols = [dist.sum_(norms.grams[g[0]]).sqrt().float() for g in groups for _ in g]
             ratios.append(outlier_ratio(Ws, cols, cfg.owl_m))
             sizes.append(sum(W.numel() for W in Ws))
         inps, outs = outs, inps

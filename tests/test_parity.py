@@ -542,8 +542,8 @@ def test_parameters_with_grad_are_pruned_without_autograd():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d_in", [100, 576, 1000])
 def test_gram_collector_equals_xtx(d_in, dtype, device):
-    """X^T X in float32 of the inputs the linear sees: the CPU's blocked upper triangle
-    (mirrored on exit), CUDA's half-precision GEMM with float32 output."""
+    """X^T X of the inputs the linear sees, summed in float64: the CPU's blocked upper
+    triangle (mirrored on exit), CUDA's half-precision GEMM with float32 output."""
     from admm_prune.gpu.calibration import GramCollector
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -555,9 +555,31 @@ def test_gram_collector_equals_xtx(d_in, dtype, device):
             block(x[i])
     X = x.reshape(-1, d_in).double()
     got = c.grams["0"]
-    assert got.dtype == torch.float32 and c.tokens["0"] == 200
+    assert got.dtype == torch.float64 and c.tokens["0"] == 200
     assert torch.equal(got, got.T) or device == "cuda"
-    torch.testing.assert_close(got.double(), X.T @ X, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, X.T @ X, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gram_does_not_depend_on_how_the_samples_are_split(device):
+    """The float32 Gram the solvers read is the same bits whether one collector sees every
+    sample or two see alternate ones and their sums are added (two ranks, `Dist.sum_`):
+    the float64 sum makes the order invisible. (A float32 sum fails this.)"""
+    from admm_prune.gpu.calibration import GramCollector, NormCollector
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(576, 3)).to(device)
+    x = torch.randn(8, 64, 576, device=device) * torch.rand(576, device=device) * 10
+    for collect in (GramCollector, NormCollector):
+        parts = []
+        for share in (range(8), range(0, 8, 2), range(1, 8, 2)):
+            with torch.no_grad(), collect(block, ["0"], torch.device(device)) as c:
+                for i in share:
+                    block(x[i])
+            parts.append(c.grams["0"])
+        assert torch.equal(parts[0].float(), (parts[1] + parts[2]).float()), collect.__name__
 
 
 @pytest.mark.parametrize("method", ["admm", "admm-grad"])
