@@ -32,6 +32,7 @@ import torch
 
 import admm_prune.gpu as G
 from admm_prune.gpu.linalg import matmul_precision
+from admm_prune.gpu.report import write_atomic
 
 SHAPES = {  # name: (d_out, d_in) = nn.Linear weight shape
     "small": [("SmolLM2-135M q/o_proj", 576, 576), ("SmolLM2-135M gate/up_proj", 1536, 576),
@@ -277,21 +278,6 @@ def markdown(res: dict) -> str:
                    f"{fmt_s(u['inverse_s'])} | {fmt_s(u['potri_s'])} | {fmt_s(u['solve_per_iter_s'])} | "
                    f"{fmt_s(u['gemm_per_iter_s'])} | {u['rel_diff']:.1e} |")
     return "\n".join(out) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the usual permissions, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv=None) -> int:

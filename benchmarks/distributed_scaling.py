@@ -6,9 +6,9 @@ process, in the order 1, N, then N, 1 for each further pair (so a drift of the m
 does not favour either side). Per run it records the wall time of the whole command (end
 to end: load, NaN scan, capture, the block loop, writing, and the perplexity if asked) and
 the report's ``prune_seconds`` and phase totals. Then it compares the two checkpoints of
-the first pair: the fraction of weights whose zero pattern differs (masks flip on float32
-near-ties: the Grams are summed in another order), the largest relative difference of the
-layer errors, and the perplexities.
+the first pair: how many pruned weight matrices differ at all (none is expected: the Grams
+are float64 sums, see `GramCollector`), the fraction of weights whose zero pattern
+differs, the largest relative difference of the layer errors, and the perplexities.
 
     python benchmarks/distributed_scaling.py --ranks 2 --threads 1 --pairs 1 \\
         --out paper_notes/distributed_scaling_cpu -- \\
@@ -69,13 +69,15 @@ def compare(one: Path, many: Path, r1: dict, rn: dict) -> dict:
     a, b = tensors(one), tensors(many)
     pruned = [f"model.layers.{r['block']}.{r['name']}.weight" for r in r1["linears"]]  # not the untouched blocks
     flips = sum(int(((a[k] == 0) != (b[k] == 0)).sum()) for k in pruned)
+    differ = sum(not torch.equal(a[k], b[k]) for k in pruned)
     total = sum(a[k].numel() for k in pruned)
     errors = [(x["error_pruned"], y["error_pruned"]) for x, y in zip(r1["linears"], rn["linears"])
               if x["error_pruned"] is not None]
     rel = [abs(y - x) / x for x, y in errors if x > 0]
     p1, pn = (r.get("perplexity") or {} for r in (r1, rn))
     ppl = {k: (p1[k], pn.get(k)) for k in p1 if isinstance(p1[k], (int, float))}
-    return {"mask_flip_fraction": flips / total, "weights": total,
+    return {"matrices_differing": differ, "matrices": len(pruned), "mask_flip_fraction": flips / total,
+            "weights": total,
             "max_rel_layer_error_diff": max(rel) if rel else None,
             "median_rel_layer_error_diff": sorted(rel)[len(rel) // 2] if rel else None,
             "perplexity": ppl}

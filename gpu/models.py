@@ -55,6 +55,16 @@ def embedded_gguf():
     raise ModelError(f"{GGUF_FILE} not found in the installed {GGUF_DISTRIBUTION}; reinstall: {INSTALL_HINT}")
 
 
+def embedded_revision() -> str:
+    """What the embedded model's report records as its revision: the installed distribution's
+    version, or a note when only its converted cache is there (the package was uninstalled,
+    or the cache was made by another environment)."""
+    try:
+        return f"{GGUF_DISTRIBUTION}=={importlib.metadata.version(GGUF_DISTRIBUTION)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{GGUF_DISTRIBUTION} (not installed here: its converted cache was used)"
+
+
 def default_cache_dir():
     """``$ADMM_PRUNE_CACHE``, else ``~/.cache/admm_prune``."""
     return Path(os.environ.get("ADMM_PRUNE_CACHE") or "~/.cache/admm_prune").expanduser()

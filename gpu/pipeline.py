@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.metadata
 import json
 import logging
 import time
@@ -233,7 +232,7 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
     inps = kwargs = outs = None
     if cfg.method != "magnitude":
         inps, kwargs = capture_block_inputs(source.model, dist.share(calib_ids), device, store, cfg.progress)
-        outs = torch.empty_like(inps)
+        outs = torch.empty_like(inps) if nblocks > 1 else None  # only forwards between pruned blocks
     records, block_seconds = [], []
     bar = tqdm(range(source.num_blocks), desc=f"prune {cfg.method}", disable=not cfg.progress)
     for i in bar:
@@ -303,7 +302,7 @@ def _calibration(cfg: PruneConfig, tokenizer):
 def _model_identity(source, cfg: PruneConfig, device) -> dict:
     ident = {**source.identity(), "device": str(device), "dtype": cfg.dtype}
     if ident.get("name") in (None, models_mod.DEFAULT_MODEL):
-        ident["revision"] = f"{models_mod.GGUF_DISTRIBUTION}=={importlib.metadata.version(models_mod.GGUF_DISTRIBUTION)}"
+        ident["revision"] = models_mod.embedded_revision()
     elif "/snapshots/" in ident.get("path", ""):
         ident["revision"] = ident["path"].split("/snapshots/")[1].split("/")[0]
     return ident

