@@ -139,7 +139,7 @@ def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, sparsity: float |
             calibrate_block(block, inps, kwargs, device)
         owners = dist.assign([_solve_cost(block, g, cfg) for g in stage])
         with timer("share"):  # summed in float64 over the ranks, then the solvers' float32
-            grams = [dist.sum_(collector.grams[g[0]]).float() for g in stage]
+            grams = [dist.sum_(collector.grams.pop(g[0])).float() for g in stage]  # each float64 sum freed
         mine = []
         for g, gram, owner in zip(stage, grams, owners):
             if owner == dist.rank:
@@ -363,8 +363,7 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
     fingerprint = {**cfg.fingerprint(), "calibration_sha256": report.calibration.get("sha256"),
                    "model": {k: v for k, v in report.model.items() if k != "device"}, "device": device.type,
                    "world_size": dist.world}
-    if staging is not None:  # a refused resume raises here, leaving the staging folder as it was
-        report.resumed_blocks = sorted(staging.start(fingerprint, cfg.resume))
+    report.resumed_blocks = _start_staging(staging, fingerprint, cfg.resume, dist)
     try:
         if staging is not None:
             staging.write_rest(rest_state_dict(source.model))
@@ -403,6 +402,22 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
             log.error("%s", kept)
         raise
     return report
+
+
+def _start_staging(staging: Staging | None, fingerprint: dict, resume: bool, dist: Dist) -> list[int]:
+    """Open rank 0's staging folder (resuming its finished blocks when asked); returns them.
+    A refused resume (another config, another world size) raises on every rank, leaving the
+    folder as it was: rank 0 alone reads it, so its verdict is broadcast."""
+    verdict: list[int] | PipelineError = []
+    if staging is not None:
+        try:
+            verdict = sorted(staging.start(fingerprint, resume))
+        except PipelineError as error:
+            verdict = error
+    verdict = dist.broadcast_object(verdict)
+    if isinstance(verdict, PipelineError):
+        raise verdict
+    return verdict
 
 
 def _after_failure(staging: Staging | None, plan: OutputPlan | None) -> str | None:

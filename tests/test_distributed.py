@@ -103,6 +103,33 @@ def test_too_few_windows_for_the_ranks_fails_on_every_rank(setup, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_resume_with_another_world_size_fails_on_every_rank(setup, tmp_path):
+    """Blocks staged by one process are not resumed by 2 ranks: both fail with the same
+    line (rank 0 alone reads the staging folder and broadcasts its verdict), nothing hangs,
+    and the finished block stays for a resume with the right world size."""
+    d = setup
+    out = tmp_path / "o"
+
+    def stop(block, *args):
+        if block == 1:
+            raise KeyboardInterrupt
+
+    cfg = dict(model=str(d / "ck"), calib=str(d / "calib.jsonl"), eval=str(d / "eval.txt"), eval_windows=4,
+               nsamples=6, seqlen=32, iters=6, mask_steps=4, method="wanda", device="cpu", progress=False,
+               out=str(out), layer_errors=True)  # the script's config, at world size 1
+    with pytest.raises(pipeline.RunInterrupted, match="--resume"):
+        pipeline.run_prune(pipeline.PruneConfig(**cfg), callback=stop)
+    script = tmp_path / "resume.py"
+    script.write_text(SCRIPT.replace("layer_errors=True)", "layer_errors=True, resume=True)"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(d / "ck"), str(d / "calib.jsonl"), str(d / "eval.txt"), str(out), "wanda"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("world_size was 1, now 2") == 2, proc.stderr[-3000:]
+    assert not out.exists() and (tmp_path / ".o.staging").is_dir()
+
+
 def test_torchrun_cli_two_ranks(setup, tmp_path):
     """The documented command: torchrun ... -m admm_prune.gpu prune; rank 0 alone prints and writes."""
     d = setup
