@@ -196,7 +196,8 @@ def block_targets(model, calib_ids: torch.Tensor | None, cfg: PruneConfig) -> di
             with NormCollector(block, [g[0] for g in groups], device) as norms:
                 run_block(block, inps, kwargs, device, outs)
             Ws = [block.get_submodule(n).weight for g in groups for n in g]
-            cols = [dist.sum_(norms.grams[g[0]]).sqrt().float() for g in groups for _ in g]
+            group_cols = [dist.sum_(norms.grams[g[0]]).sqrt().float() for g in groups]  # one all_reduce each
+            cols = [c for g, c in zip(groups, group_cols) for _ in g]
             ratios.append(outlier_ratio(Ws, cols, cfg.owl_m))
             sizes.append(sum(W.numel() for W in Ws))
         inps, outs = outs, inps

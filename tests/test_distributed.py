@@ -19,16 +19,16 @@ from admm_prune.gpu import distributed, models, pipeline  # noqa: E402
 SCRIPT = textwrap.dedent("""
     import json, sys
     from admm_prune.gpu import distributed, pipeline
-    ck, calib, evalf, out, method = sys.argv[1:6]
+    ck, calib, evalf, out, method, profile = sys.argv[1:7]
     dist = distributed.init_from_env("cpu") if distributed.launched_by_torchrun() else distributed.current()
     try:
         cfg = pipeline.PruneConfig(model=ck, calib=calib, eval=evalf, eval_windows=4, nsamples=6, seqlen=32,
                                    iters=6, mask_steps=4, method=method, device="cpu", progress=False,
-                                   out=out, layer_errors=True)
+                                   out=out, layer_errors=True, sparsity_profile=profile)
         report = pipeline.run_prune(cfg)
         print("REPORT", json.dumps({"rank": dist.rank, "world": report.world_size,
                                     "errors": [r["error_pruned"] for r in report.linears],
-                                    "perplexity": report.perplexity}))
+                                    "perplexity": report.perplexity, "targets": report.block_sparsity}))
     finally:
         distributed.finish(dist)
 """)
@@ -44,12 +44,12 @@ def setup(tmp_path_factory):
     return d
 
 
-def _run(d, n, out, method):
+def _run(d, n, out, method, profile="uniform"):
     """`n` torchrun ranks (n > 1) or one plain process, each at one thread."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)] if n > 1 else []
     cmd = [sys.executable, *launch, str(d / "run.py"), str(d / "ck"), str(d / "calib.jsonl"), str(d / "eval.txt"),
-           str(out), method]
+           str(out), method, profile]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line.split("REPORT ", 1)[1]) for line in proc.stdout.splitlines() if "REPORT " in line]
@@ -59,14 +59,15 @@ def _weights(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True).state_dict()
 
 
-@pytest.mark.parametrize("method", ["admm-grad", "sparsegpt"])
-def test_two_ranks_prune_what_one_process_prunes(setup, tmp_path, method):
+@pytest.mark.parametrize("method, profile", [("admm-grad", "uniform"), ("sparsegpt", "uniform"), ("wanda", "owl")])
+def test_two_ranks_prune_what_one_process_prunes(setup, tmp_path, method, profile):
     """At the same threads per process, 2 ranks give one process's checkpoint bit for bit:
     each window's forward is the same, and the Grams are float64 sums (order-free), so
     every mask, weight and layer error is the same; the perplexity sums differ in order only."""
     d = setup
-    (one,) = _run(d, 1, tmp_path / "one", method)
-    reports = _run(d, 2, tmp_path / "two", method)
+    (one,) = _run(d, 1, tmp_path / "one", method, profile)
+    reports = _run(d, 2, tmp_path / "two", method, profile)
+    assert reports[0]["targets"] == one["targets"], "OWL's outlier ratios and targets: the same"
     assert one["world"] == 1
     assert sorted(r["rank"] for r in reports) == [0, 1] and all(r["world"] == 2 for r in reports)
     assert reports[0]["perplexity"] == reports[1]["perplexity"], "every rank reports the same numbers"
@@ -97,7 +98,7 @@ def test_too_few_windows_for_the_ranks_fails_on_every_rank(setup, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(script), str(d / "ck"), str(d / "calib.jsonl"), str(d / "eval.txt"),
-                           str(tmp_path / "o"), "wanda"], env=env, capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "o"), "wanda", "uniform"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.count("1 calibration windows for 2 ranks") == 2
     assert not (tmp_path / "o").exists()
@@ -120,10 +121,10 @@ def test_resume_with_another_world_size_fails_on_every_rank(setup, tmp_path):
     with pytest.raises(pipeline.RunInterrupted, match="--resume"):
         pipeline.run_prune(pipeline.PruneConfig(**cfg), callback=stop)
     script = tmp_path / "resume.py"
-    script.write_text(SCRIPT.replace("layer_errors=True)", "layer_errors=True, resume=True)"))
+    script.write_text(SCRIPT.replace("layer_errors=True,", "layer_errors=True, resume=True,"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), str(d / "ck"), str(d / "calib.jsonl"), str(d / "eval.txt"), str(out), "wanda"],
+                           str(script), str(d / "ck"), str(d / "calib.jsonl"), str(d / "eval.txt"), str(out), "wanda", "uniform"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.count("world_size was 1, now 2") == 2, proc.stderr[-3000:]
