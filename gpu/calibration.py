@@ -249,9 +249,9 @@ def _sym_edges(d: int, device: torch.device) -> list[int] | None:
 
 
 class NormCollector(GramCollector):
-    """Forward hooks accumulating diag(XtX) = sum x^2 per input feature (float64 sum, like
-    the Grams): the squared
-    column norms ||X_j||^2 that Wanda's and OWL's scores need, without d_in x d_in Grams."""
+    """Forward hooks accumulating diag(XtX) = sum x^2 per input feature (a float64 sum, like
+    the Grams): the squared column norms ||X_j||^2 that Wanda's and OWL's scores need,
+    without d_in x d_in Grams."""
 
     @staticmethod
     def _zeros(d_in: int, device) -> torch.Tensor:
@@ -264,4 +264,3 @@ class NormCollector(GramCollector):
     @staticmethod
     def _finish(buf: torch.Tensor):
         pass
-
