@@ -113,7 +113,7 @@ def error(W, Wp, XtX, den) -> float:
 
 def solve_vs_inverse(W, XtX, device, repeats) -> dict:
     """Per-iteration time of the ADMM W update two ways, on this layer's G~ + I."""
-    G_, _, _ = G.admm._precondition_gram(XtX, 0.1)
+    G_, _, _ = G.admm.precondition_gram(XtX, 0.1)
     A = G_.clone()
     A.diagonal().add_(1.0)
     L = torch.linalg.cholesky(A)

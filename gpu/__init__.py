@@ -87,7 +87,7 @@ from admm_prune.reference import (
     PolishState, PruneResult,
 )
 from admm_prune.reference.admm import Preconditioned
-from admm_prune.reference._checks import parse_pattern
+from admm_prune.reference.checks import parse_pattern
 from admm_prune.reference.owl import owl_sparsities  # scalar math on a few numbers per model
 from admm_prune.reference.schedule import cubic_sparsity, prune_count
 

@@ -34,9 +34,9 @@ Where the contract differs from the reference:
 * The iterates' scalar records (residuals, objective, sparsity) stay on the device while
   the solver runs; ``admm_iterates`` converts them to Python floats per iterate (one host
   sync per iterate: it is the step-through API), ``prune_layer`` once at the end.
-* Validation of tensors runs on the device (see `_checks`).
+* Validation of tensors runs on the device (see `checks`).
 * The updates take keyword-only ``out=``/``work=`` buffers (the only additions to the
-  reference's signatures), and the fast loop `_admm_steps` calls them with fixed buffers.
+  reference's signatures), and the fast loop `admm_steps` calls them with fixed buffers.
 """
 
 from __future__ import annotations
@@ -45,13 +45,15 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from admm_prune.reference._checks import check_solver
+from admm_prune.reference.checks import check_solver
 from admm_prune.reference.admm import ADMMState, Preconditioned
 from admm_prune.reference.schedule import cubic_sparsity
 
-from ._checks import check_problem, compute_dtype
+from .checks import check_problem, compute_dtype
 from .linalg import InverseFactor, inverse_factor
-from .masks import _select
+from .masks import select_unchecked
+from admm_prune.reference.options import DEFAULTS
+from admm_prune.reference.methods import DEFAULT_DAMP
 
 
 def precondition(W: torch.Tensor, XtX: torch.Tensor, damp: float) -> Preconditioned:
@@ -61,11 +63,11 @@ def precondition(W: torch.Tensor, XtX: torch.Tensor, damp: float) -> Preconditio
     ----------
     W : (d_out, d_in).  XtX : (d_in, d_in), on W's device; both in the compute dtype.
     """
-    G, scale, live = _precondition_gram(XtX, damp)
+    G, scale, live = precondition_gram(XtX, damp)
     return Preconditioned(W * scale[None, :], G, scale, live)
 
 
-def _precondition_gram(XtX: torch.Tensor, damp: float):
+def precondition_gram(XtX: torch.Tensor, damp: float):
     """The W-independent half of `precondition`: (G~, scale, live), shared by a Gram's weights."""
     d = XtX.diagonal()
     norms = torch.sqrt(torch.clamp(d, min=0.0))
@@ -132,7 +134,7 @@ def mask_update(
     `work`: a scratch buffer for the scores. No finiteness check (that would be a host
     sync per mask step): W and U come from the solver, whose inputs were checked.
     """
-    return _select(torch.add(W, U, out=work).abs_().mul_(live), sparsity, pattern, group)
+    return select_unchecked(torch.add(W, U, out=work).abs_().mul_(live), sparsity, pattern, group)
 
 
 def _objective(Z: torch.Tensor, W0: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -168,7 +170,7 @@ def _initial_mask(W0, live, sparsity, pattern, group, mask, mask_steps):
     return None, mask_steps
 
 
-def _admm_steps(
+def admm_steps(
     W0: torch.Tensor, G: torch.Tensor, live: torch.Tensor, factor: InverseFactor, B: torch.Tensor,
     sparsity: float | None, pattern: str, group: str, rho: float, iters: int, mask_steps: int,
     mask: torch.Tensor | None, track_objective: bool, reuse: bool = False, residuals: bool = True,
@@ -219,11 +221,11 @@ def admm_iterates(
     sparsity: float | None,
     *,
     pattern: str = "unstructured",
-    group: str = "row",
-    rho: float = 1.0,
-    damp: float = 0.1,
-    iters: int = 20,
-    mask_steps: int = 15,
+    group: str = DEFAULTS.group,
+    rho: float = DEFAULTS.rho,
+    damp: float = DEFAULT_DAMP["admm"],
+    iters: int = DEFAULTS.iters,
+    mask_steps: int = DEFAULTS.mask_steps,
     mask: torch.Tensor | None = None,
     track_objective: bool = True,
 ) -> Iterator[ADMMState]:
@@ -243,7 +245,7 @@ def admm_iterates(
     W0, G, scale, live = precondition(p.W.to(dtype), p.XtX.to(dtype), damp)
     factor = factorize(G, rho)
     numel = W0.numel()
-    for s in _admm_steps(W0, G, live, factor, W0 @ G, p.sparsity, pattern, group, rho, iters,
+    for s in admm_steps(W0, G, live, factor, W0 @ G, p.sparsity, pattern, group, rho, iters,
                          mask_steps, p.mask, track_objective):
         obj = float("nan") if s.objective is None else float(s.objective)
         yield ADMMState(s.k, s.W, s.Z, s.U, s.M, scale, 1.0 - int(s.kept) / numel, obj,

@@ -7,11 +7,13 @@ names to flags (``eval_seqlen`` -> ``--eval-seqlen``).
 
 from __future__ import annotations
 
+from admm_prune.reference.errors import AdmmPruneError
+
 from dataclasses import dataclass
 
 import torch
 
-from admm_prune.reference._checks import (
+from admm_prune.reference.checks import (
     check_group, check_method, check_positive, parse_pattern, resolve_sparsity,
 )
 
@@ -20,7 +22,7 @@ PROFILES = ("uniform", "owl")
 MIN_SEQLEN = 2  # one rule for calibration and evaluation windows: a next-token loss needs two
 
 
-class PipelineError(ValueError):
+class PipelineError(AdmmPruneError):
     """A user-facing error of the pipeline (bad configuration, NaN in a block, ...)."""
 
 

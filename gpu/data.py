@@ -7,6 +7,8 @@ documents longer than the window), with a documented fallback when too few docum
 
 from __future__ import annotations
 
+from admm_prune.reference.errors import AdmmPruneError
+
 import gzip
 import hashlib
 import json
@@ -33,7 +35,7 @@ _TRUE = {"1", "on", "yes", "true"}
 _TOKENIZE_BATCH = 64
 
 
-class DataError(ValueError):
+class DataError(AdmmPruneError):
     """Bad data input (missing or empty file, no text field, too little text); a user error."""
 
 

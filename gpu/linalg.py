@@ -1,7 +1,7 @@
 """Numerics of the torch backend: a Cholesky that survives rounding, the factor of
 G~ + rho I the ADMM W update applies, and the float32 matmul precision guard.
 
-Validation lives in `_checks`; this module only computes.
+Validation lives in `checks`; this module only computes.
 """
 
 from __future__ import annotations

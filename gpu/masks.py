@@ -4,7 +4,7 @@ Same rules as the reference (`admm_prune.reference.masks`): a group of n weights
 sparsity s loses k = floor(s * n) weights; among equal scores the lower index (row-major
 within the group) is pruned first, so masks equal the reference's whenever the scores do.
 
-`_prune_lowest` implements that rule three ways, chosen by the group length n, all exact:
+`prune_lowest` implements that rule three ways, chosen by the group length n, all exact:
 N:M groups of n <= 8 count pairwise comparisons (the stable sort's positions: 2:4 on
 (3072, 576) 10 ms vs 55-62 ms for the argsort, 4:8 16-24 vs 49-51 ms, this project's CPU);
 other short groups (n <= 64) take a stable ``argsort`` + ``scatter_``; long groups (a row,
@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from admm_prune.reference._checks import check_mask_target
+from admm_prune.reference.checks import check_mask_target
 from admm_prune.reference.schedule import prune_count
 
-from ._checks import as_tensor, check_gram, check_weights, compute_dtype
+from .checks import as_tensor, check_gram, check_weights, compute_dtype
+from admm_prune.reference.options import DEFAULTS
 
 #: groups up to _PAIRS_MAX long use pairwise comparisons, up to _SORT_MAX the stable sort,
 #: longer ones the topk threshold
@@ -52,7 +53,7 @@ def wanda_scores(W: torch.Tensor, XtX: torch.Tensor) -> torch.Tensor:
     return torch.abs(W.to(dtype)) * torch.sqrt(XtX.diagonal().to(dtype))[None, :]
 
 
-def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+def prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask of a (rows, n) score tensor with the k lowest of each row set False.
 
     Ties: the lower index is pruned first (the reference's stable argsort).
@@ -86,7 +87,7 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _keep_by_pairs(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """`_prune_lowest` for short groups (N:M's m <= 8) by the n(n-1)/2 column comparisons:
+    """`prune_lowest` for short groups (N:M's m <= 8) by the n(n-1)/2 column comparisons:
     the stable sort's position of entry i is #{j < i: s_j <= s_i} + #{j > i: s_j < s_i}, and
     the k first positions are pruned."""
     cols = scores.unbind(-1)
@@ -111,18 +112,18 @@ def _as_ordered_ints(scores: torch.Tensor) -> torch.Tensor:
 
 def _select_unstructured(scores: torch.Tensor, sparsity: float, group: str) -> torch.Tensor:
     if group == "row":
-        return _prune_lowest(scores, prune_count(scores.shape[1], sparsity))
+        return prune_lowest(scores, prune_count(scores.shape[1], sparsity))
     flat = scores.reshape(1, -1)
-    return _prune_lowest(flat, prune_count(flat.shape[1], sparsity)).reshape(scores.shape)
+    return prune_lowest(flat, prune_count(flat.shape[1], sparsity)).reshape(scores.shape)
 
 
 def nm_protected(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """True for the n highest scores of every m consecutive inputs of a row."""
     d_out, d_in = scores.shape
-    return _prune_lowest(scores.reshape(d_out * d_in // m, m), m - n).reshape(d_out, d_in)
+    return prune_lowest(scores.reshape(d_out * d_in // m, m), m - n).reshape(d_out, d_in)
 
 
-def _select(scores: torch.Tensor, sparsity: float | None, pattern: str, group: str) -> torch.Tensor:
+def select_unchecked(scores: torch.Tensor, sparsity: float | None, pattern: str, group: str) -> torch.Tensor:
     """`select_mask` without the finiteness check (no host sync): for scores computed here."""
     nm, s, exact = check_mask_target(sparsity, pattern, group, scores.shape[1])
     if nm is None:
@@ -138,7 +139,7 @@ def select_mask(
     scores: torch.Tensor,
     sparsity: float | None,
     pattern: str = "unstructured",
-    group: str = "row",
+    group: str = DEFAULTS.group,
 ) -> torch.Tensor:
     """M = keep the highest scores: prune floor(s * n) lowest per group (True = kept).
 
@@ -161,4 +162,4 @@ def select_mask(
         raise ValueError(f"scores must be a finite 2-D array, got shape {tuple(scores.shape)}")
     if scores.dtype not in (torch.float32, torch.float64):
         scores = scores.to(torch.float32)
-    return _select(scores, sparsity, pattern, group)
+    return select_unchecked(scores, sparsity, pattern, group)

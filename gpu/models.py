@@ -6,6 +6,8 @@ The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the PyPI p
 
 from __future__ import annotations
 
+from admm_prune.reference.errors import AdmmPruneError
+
 import importlib.metadata
 import logging
 import os
@@ -38,7 +40,7 @@ LINEAR_GROUPS = {
 }
 
 
-class ModelError(ValueError):
+class ModelError(AdmmPruneError):
     """A model that cannot be found, loaded, or pruned here; a user error."""
 
 

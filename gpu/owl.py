@@ -16,9 +16,9 @@ from typing import Sequence
 
 import torch
 
-from admm_prune.reference.owl import _check_block
+from admm_prune.reference.owl import check_block
 
-from ._checks import as_tensor, compute_dtype
+from .checks import as_tensor, compute_dtype
 
 
 def _scores(W: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,7 @@ def outlier_ratio(Ws: Sequence[torch.Tensor], col_norms: Sequence[torch.Tensor],
     """
     Ws = [as_tensor(W) for W in Ws]
     col_norms = [as_tensor(c, W.device) for c, W in zip(col_norms, Ws)]
-    _check_block(Ws, col_norms, m)
+    check_block(Ws, col_norms, m)
     count = sum(W.numel() for W in Ws)
     total = sum(_scores(W, c).sum(dtype=torch.float64) for W, c in zip(Ws, col_norms))
     threshold = m * float(total) / count

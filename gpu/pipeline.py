@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import models as models_mod
-from ._checks import compute_dtype
+from .checks import compute_dtype
 from .calibration import (
     GramCollector, NormCollector, calibrate_block, capture_block_inputs, release_memory, run_block, visiting,
 )

@@ -4,7 +4,7 @@ The twin of `admm_prune.reference.polish` (read its docstring for the method): K
 conjugate gradient on G~_SS w_S = (W0~ G~)_S for all rows at once, warm-started from a
 method's weights; one (d_out, d_in) x (d_in, d_in) GEMM per step, like one ADMM
 iteration. `cg_step` takes keyword-only ``out=``/``work=`` buffers (the only additions to
-the reference's signature); the loop `_polish_steps` that `prune_layer` runs calls it with
+the reference's signature); the loop `polish_steps` that `prune_layer` runs calls it with
 a fixed set of buffers (W, W G~, R, P, one scratch for P G~, one for the objective), so a
 step allocates nothing weight-sized. The records stay on the device until the end.
 """
@@ -15,10 +15,10 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from admm_prune.reference._checks import check_int, check_positive
+from admm_prune.reference.checks import check_int, check_positive
 from admm_prune.reference.polish import PolishState
 
-from ._checks import as_tensor, check_gram, check_mask, check_weights, compute_dtype
+from .checks import as_tensor, check_gram, check_mask, check_weights, compute_dtype
 from .admm import precondition
 
 
@@ -60,7 +60,7 @@ class _PolishStep(NamedTuple):
     residual: torch.Tensor
 
 
-def _polish_steps(
+def polish_steps(
     W0: torch.Tensor, G: torch.Tensor, live: torch.Tensor, B: torch.Tensor, M: torch.Tensor,
     W_start: torch.Tensor, iters: int, reuse: bool = False,
 ) -> Iterator[_PolishStep]:
@@ -118,5 +118,5 @@ def polish_iterates(
     dtype = compute_dtype(W, XtX)
     W0, G, scale, live = precondition(W.to(dtype), XtX.to(dtype), damp)
     start = W_start.to(dtype) * scale[None, :]
-    for s in _polish_steps(W0, G, live, W0 @ G, mask, start, iters):
+    for s in polish_steps(W0, G, live, W0 @ G, mask, start, iters):
         yield PolishState(s.k, s.W, s.R, s.P, scale, float(s.objective), float(s.residual))

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from admm_prune.reference._checks import check_finish, check_method, check_solver
-from admm_prune.reference.prune import (
-    DEFAULT_DAMP, DEFAULT_POLISH_DAMP, IterationRecord, PolishRecord, PruneResult,
-)
+from admm_prune.reference.checks import check_finish, check_solver
+from admm_prune.reference.options import DEFAULTS
+from admm_prune.reference.prune import DEFAULT_POLISH_DAMP, PolishRecord, PruneResult
 
-from ._checks import check_problem, check_result, compute_dtype
-from .admm import _admm_steps, _precondition_gram, factorize, z_update
+from . import methods
+from .admm import precondition_gram
+from .checks import check_problem, check_result, compute_dtype
 from .linalg import matmul_precision
-from .masks import _select, magnitude_scores, wanda_scores
-from .polish import _polish_steps
-from .sparsegpt import _sweep, inverse_hessian_factor
+from .polish import polish_steps
 
 
 def prune_layer(
@@ -29,17 +27,17 @@ def prune_layer(
     XtX: torch.Tensor,
     sparsity: float | None,
     *,
-    method: str = "admm-grad",
-    pattern: str = "unstructured",
-    group: str = "row",
-    rho: float = 1.0,
-    damp: float | None = None,
-    iters: int = 20,
-    mask_steps: int = 15,
+    method: str = DEFAULTS.method,
+    pattern: str = DEFAULTS.pattern,
+    group: str = DEFAULTS.group,
+    rho: float = DEFAULTS.rho,
+    damp: float | None = DEFAULTS.damp,
+    iters: int = DEFAULTS.iters,
+    mask_steps: int = DEFAULTS.mask_steps,
     mask: torch.Tensor | None = None,
     track_objective: bool = True,
-    polish_iters: int = 0,
-    polish_damp: float | None = None,
+    polish_iters: int = DEFAULTS.polish_iters,
+    polish_damp: float | None = DEFAULTS.polish_damp,
     allow_tf32: bool = False,
     track_residuals: bool = True,
 ) -> PruneResult:
@@ -82,107 +80,69 @@ def prune_shared(Ws, XtX, sparsity, **kwargs) -> list[PruneResult]:
 
 @torch.no_grad()
 def _prune_shared(
-    Ws: list, XtX, sparsity, *, method: str = "admm-grad", pattern: str = "unstructured",
-    group: str = "row", rho: float = 1.0, damp: float | None = None, iters: int = 20,
-    mask_steps: int = 15, mask=None, track_objective: bool = True, polish_iters: int = 0,
-    polish_damp: float | None = None, allow_tf32: bool = False, track_residuals: bool = True,
+    Ws: list, XtX, sparsity, *, method: str = DEFAULTS.method, pattern: str = DEFAULTS.pattern,
+    group: str = DEFAULTS.group, rho: float = DEFAULTS.rho, damp: float | None = DEFAULTS.damp,
+    iters: int = DEFAULTS.iters, mask_steps: int = DEFAULTS.mask_steps, mask=None, track_objective: bool = True,
+    polish_iters: int = DEFAULTS.polish_iters, polish_damp: float | None = DEFAULTS.polish_damp,
+    allow_tf32: bool = False, track_residuals: bool = True,
 ) -> list[PruneResult]:
-    check_method(method)
+    impl = methods.get(method)
     problems = []
     for W in Ws:
         problems.append(check_problem(W, problems[0].XtX if problems else XtX, sparsity, pattern,
                                       group, mask, gram_checked=bool(problems)))
-    check_solver(rho, 0.0 if damp is None else damp, iters, 0 if mask is not None else mask_steps)
+    mask_steps = mask_steps if impl.spec.mask_steps and mask is None else 0  # only ADMM-Grad's are used
+    check_solver(rho, 0.0 if damp is None else damp, iters, mask_steps)
     polish_damp = check_finish(method, polish_iters, polish_damp)
     if not problems:
         return []
-    damp = DEFAULT_DAMP.get(method, 0.0) if damp is None else damp
+    damp = (impl.spec.default_damp or 0.0) if damp is None else damp
     if polish_damp is None:
-        polish_damp = damp if method in ("admm", "admm-grad") else DEFAULT_POLISH_DAMP
-    shared = {}  # compute dtype -> what depends on XtX only
+        polish_damp = damp if impl.spec.finish_own_damp else DEFAULT_POLISH_DAMP
+    settings = methods.Settings(pattern, group, rho, damp, iters, mask_steps, track_objective, track_residuals)
+    shared = {}  # compute dtype -> (the method's prepared state, the finish's (G~, scale, live))
     results = []
     with matmul_precision(problems[0].W.device, allow_tf32):
         for p in problems:
             dtype = compute_dtype(p.W, p.XtX)
             if dtype not in shared:
-                shared[dtype] = _shared(p.XtX, dtype, method, damp, rho, polish_iters, polish_damp)
-            results.append(_prune_one(p, method, dtype, shared[dtype], pattern, group, rho, iters,
-                                      mask_steps, track_objective, polish_iters, track_residuals))
+                shared[dtype] = _prepare(impl, p.XtX, dtype, damp, rho, polish_iters, polish_damp)
+            prepared, finish = shared[dtype]
+            W = p.W.to(dtype)
+            out = impl.prune(p, W, prepared, settings)
+            W_hat, polish = out.W, ()
+            if polish_iters:
+                W_hat, polish = _finish(W, out, finish, polish_iters)
+            results.append(PruneResult(check_result(W_hat, p.W.dtype), out.mask, out.history, polish))
     return results
 
 
-def _shared(XtX, dtype, method, damp, rho, polish_iters, polish_damp) -> dict:
-    """What depends on XtX only, per compute dtype: ADMM's G~ and factor, SparseGPT's R,
-    the finish's G~ (ADMM's own when the dampings agree)."""
-    out = {}
-    if method in ("magnitude", "wanda") and not polish_iters:
-        return out
+def _prepare(impl, XtX, dtype, damp, rho, polish_iters, polish_damp) -> tuple:
+    """What depends on XtX only, per compute dtype: the method's (`MethodImpl.prepare`) and the
+    finish's G~ (the method's own when it forms one at the same damping)."""
+    if impl.spec.needs != "gram" and not polish_iters:
+        return None, None
     XtX_c = XtX.to(dtype)
-    if method == "sparsegpt":
-        out["sparsegpt"] = inverse_hessian_factor(XtX_c, damp)
-    elif method in ("admm", "admm-grad"):
-        G, scale, live = _precondition_gram(XtX_c, damp)
-        out["admm"] = (G, scale, live, factorize(G, rho))
+    prepared = impl.prepare(XtX_c, damp, rho) if impl.spec.needs == "gram" else None
+    finish = None
     if polish_iters:
-        same = "admm" in out and polish_damp == damp
-        out["polish"] = out["admm"][:3] if same else _precondition_gram(XtX_c, polish_damp)
-    return out
+        finish = impl.preconditioned(prepared) if polish_damp == damp else None
+        finish = finish if finish is not None else precondition_gram(XtX_c, polish_damp)
+    return prepared, finish
 
 
-def _prune_one(p, method, dtype, shared, pattern, group, rho, iters, mask_steps, track_objective,
-               polish_iters, track_residuals=True):
-    W = p.W.to(dtype)
-    history, W0, B = (), None, None
-    if method in ("magnitude", "wanda"):
-        if p.mask is None:
-            scores = magnitude_scores(W) if method == "magnitude" else wanda_scores(W, p.XtX)
-            M = _select(scores, p.sparsity, pattern, group)  # scores finite: W and XtX checked
-            del scores
-        else:
-            M = p.mask.clone()
-        W_hat = W * M
-    elif method == "sparsegpt":
-        R, dead = shared["sparsegpt"]
-        W_hat, M = _sweep(W, R, dead, p.sparsity, p.nm, group, 128, p.mask)
-    else:
-        G, scale, live, factor = shared["admm"]
+def _finish(W, out, finish, polish_iters) -> tuple:
+    """The finish on the method's mask: `polish_iters` CG steps from its weights."""
+    G, scale, live = finish
+    if out.precondition is not None and out.precondition[0] is G:
+        W0, B = out.precondition[1:]
+    else:  # the finish's own damping
         W0 = W * scale[None, :]
         B = W0 @ G
-        records, state = [], None
-        for state in _admm_steps(
-            W0, G, live, factor, B, p.sparsity, pattern, group, rho, iters,
-            mask_steps if method == "admm-grad" else 0, p.mask, track_objective, reuse=True,
-            residuals=track_residuals,
-        ):
-            records.append(state._replace(W=None, Z=None, U=None, M=None))  # keep the scalars only
-        history = _history(records, W0.numel(), W0.device)
-        M = state.M
-        W_hat = z_update(state.W, state.U, M).div_(scale[None, :])  # exactly sparse (official code, final Z)
-        del state
-    polish = ()
-    if polish_iters:
-        G, scale, live = shared["polish"]
-        if W0 is None or shared.get("admm", (None,))[0] is not G:  # the finish's own damping
-            W0 = W * scale[None, :]
-            B = W0 @ G
-        steps, step = [], None
-        for step in _polish_steps(W0, G, live, B, M, W_hat.mul_(scale[None, :]), polish_iters,
-                                  reuse=True):
-            steps.append(step._replace(W=None, R=None, P=None))
-        W_hat = step.W.div_(scale[None, :])
-        polish = _polish_history(steps, W0.device)
-    return PruneResult(check_result(W_hat, p.W.dtype), M, history, polish)
-
-
-def _history(steps, numel: int, device) -> tuple[IterationRecord, ...]:
-    """The steps' device records as IterationRecords, with one host sync for all of them."""
-    nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
-    cols = [torch.stack([nan if v is None else v.double()
-                         for v in (s.objective, s.primal_residual, s.dual_residual, s.kept)])
-            for s in steps]
-    rows = torch.stack(cols).tolist()
-    return tuple(IterationRecord(s.k, obj, primal, dual, 1.0 - int(kept) / numel)
-                 for s, (obj, primal, dual, kept) in zip(steps, rows))
+    steps, step = [], None
+    for step in polish_steps(W0, G, live, B, out.mask, out.W.mul_(scale[None, :]), polish_iters, reuse=True):
+        steps.append(step._replace(W=None, R=None, P=None))
+    return step.W.div_(scale[None, :]), _polish_history(steps, W0.device)
 
 
 def _polish_history(steps, device) -> tuple[PolishRecord, ...]:

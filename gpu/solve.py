@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from admm_prune.reference._checks import check_positive
+from admm_prune.reference.checks import check_positive
 
-from ._checks import as_tensor, check_gram, check_mask, check_weights, compute_dtype
+from .checks import as_tensor, check_gram, check_mask, check_weights, compute_dtype
 
 #: elements of the batched (rows, k, k) systems solved at once by `masked_lstsq`
 _BATCH_ELEMENTS = 2**24

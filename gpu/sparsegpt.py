@@ -17,11 +17,13 @@ import torch
 
 from admm_prune.reference.schedule import prune_count
 
-from admm_prune.reference._checks import check_int, check_positive
+from admm_prune.reference.checks import check_int, check_positive
 
-from ._checks import check_problem, compute_dtype
+from .checks import check_problem, compute_dtype
 from .linalg import cholesky
-from .masks import _prune_lowest, nm_protected
+from .masks import prune_lowest, nm_protected
+from admm_prune.reference.options import DEFAULTS
+from admm_prune.reference.methods import DEFAULT_DAMP
 
 
 def inverse_hessian_factor(XtX: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,13 +61,13 @@ def _block_mask(scores: torch.Tensor, i1: int, i2: int, sparsity: float, group: 
     """Keep-mask (d_out, i2 - i1) of one column block, its prune count allocated so the totals are exact."""
     if group == "row":
         k = prune_count(i2, sparsity) - prune_count(i1, sparsity)
-        return _prune_lowest(scores, k)
+        return prune_lowest(scores, k)
     d_out = scores.shape[0]
     k = prune_count(d_out * i2, sparsity) - prune_count(d_out * i1, sparsity)
-    return _prune_lowest(scores.reshape(1, -1), k).reshape(scores.shape)
+    return prune_lowest(scores.reshape(1, -1), k).reshape(scores.shape)
 
 
-def _sweep(
+def sparsegpt_sweep(
     W: torch.Tensor, R: torch.Tensor, dead: torch.Tensor, sparsity: float | None,
     nm: tuple[int, int] | None, group: str, blocksize: int, mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,8 +109,8 @@ def sparsegpt(
     XtX: torch.Tensor,
     sparsity: float | None,
     pattern: str = "unstructured",
-    group: str = "row",
-    damp: float = 0.01,
+    group: str = DEFAULTS.group,
+    damp: float = DEFAULT_DAMP["sparsegpt"],
     blocksize: int = 128,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,4 +124,4 @@ def sparsegpt(
     check_int("blocksize", blocksize, minimum=1)
     dtype = compute_dtype(p.W, p.XtX)
     R, dead = inverse_hessian_factor(p.XtX.to(dtype), damp)
-    return _sweep(p.W.to(dtype), R, dead, p.sparsity, p.nm, group, blocksize, p.mask)
+    return sparsegpt_sweep(p.W.to(dtype), R, dead, p.sparsity, p.nm, group, blocksize, p.mask)

@@ -14,6 +14,8 @@ lm-eval is the optional extra ``eval``: ``pip install 'admm-prune[eval]'``.
 
 from __future__ import annotations
 
+from admm_prune.reference.errors import AdmmPruneError
+
 import contextlib
 import json
 import logging
@@ -42,7 +44,7 @@ FILE_KEYS = ("data_files", "label_files")
 SPLIT_FIELDS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(AdmmPruneError):
     """A zero-shot request that cannot run: unknown task, missing or malformed data file, lm-eval
     not installed."""
 

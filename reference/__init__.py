@@ -8,7 +8,7 @@ Conventions (paper_notes/notation.md): W is (d_out, d_in) in ``nn.Linear`` layou
 the (d_in, d_in) Gram matrix of the layer's inputs; a mask is bool, True = kept.
 """
 
-from ._checks import METHODS, parse_pattern
+from .checks import METHODS, parse_pattern
 from .admm import (
     ADMMState, CholeskyFactor, admm_iterates, factorize, mask_update, objective, precondition,
     u_update, w_update, z_update,

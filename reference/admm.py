@@ -35,9 +35,11 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import scipy.linalg
 
-from ._checks import check_problem, check_solver
+from .checks import check_problem, check_solver
 from .masks import select_mask
 from .schedule import cubic_sparsity
+from .options import DEFAULTS
+from .methods import DEFAULT_DAMP
 
 
 class Preconditioned(NamedTuple):
@@ -144,11 +146,11 @@ def admm_iterates(
     sparsity: float | None,
     *,
     pattern: str = "unstructured",
-    group: str = "row",
-    rho: float = 1.0,
-    damp: float = 0.1,
-    iters: int = 20,
-    mask_steps: int = 15,
+    group: str = DEFAULTS.group,
+    rho: float = DEFAULTS.rho,
+    damp: float = DEFAULT_DAMP["admm"],
+    iters: int = DEFAULTS.iters,
+    mask_steps: int = DEFAULTS.mask_steps,
     mask: np.ndarray | None = None,
     track_objective: bool = True,
 ) -> Iterator[ADMMState]:

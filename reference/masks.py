@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import check_gram, check_mask_target, check_weights
+from .checks import check_gram, check_mask_target, check_weights
 from .schedule import prune_count
+from .options import DEFAULTS
 
 
 def magnitude_scores(W: np.ndarray) -> np.ndarray:
@@ -31,7 +32,7 @@ def wanda_scores(W: np.ndarray, XtX: np.ndarray) -> np.ndarray:
     return np.abs(W) * np.sqrt(np.diag(XtX))[None, :]
 
 
-def _prune_lowest(scores: np.ndarray, k: int) -> np.ndarray:
+def prune_lowest(scores: np.ndarray, k: int) -> np.ndarray:
     """Mask of a 1-D or 2-D (rows) score array with the k lowest of each row set False."""
     scores2 = np.atleast_2d(scores)
     order = np.argsort(scores2, axis=1, kind="stable")
@@ -42,22 +43,22 @@ def _prune_lowest(scores: np.ndarray, k: int) -> np.ndarray:
 
 def _select_unstructured(scores: np.ndarray, sparsity: float, group: str) -> np.ndarray:
     if group == "row":
-        return _prune_lowest(scores, prune_count(scores.shape[1], sparsity))
-    return _prune_lowest(scores.ravel(), prune_count(scores.size, sparsity)).reshape(scores.shape)
+        return prune_lowest(scores, prune_count(scores.shape[1], sparsity))
+    return prune_lowest(scores.ravel(), prune_count(scores.size, sparsity)).reshape(scores.shape)
 
 
 def nm_protected(scores: np.ndarray, n: int, m: int) -> np.ndarray:
     """True for the n highest scores of every m consecutive inputs of a row."""
     d_out, d_in = scores.shape
     groups = scores.reshape(d_out * d_in // m, m)
-    return _prune_lowest(groups, m - n).reshape(d_out, d_in)
+    return prune_lowest(groups, m - n).reshape(d_out, d_in)
 
 
 def select_mask(
     scores: np.ndarray,
     sparsity: float | None,
     pattern: str = "unstructured",
-    group: str = "row",
+    group: str = DEFAULTS.group,
 ) -> np.ndarray:
     """M = keep the highest scores: prune floor(s * n) lowest per group (True = kept).
 

@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ._checks import check_fraction, check_positive, parse_pattern
+from .checks import check_fraction, check_positive, parse_pattern
 
 
 def _wanda_sums(W: np.ndarray, col_norms: np.ndarray, threshold: float | None = None):
@@ -42,7 +42,7 @@ def _wanda_sums(W: np.ndarray, col_norms: np.ndarray, threshold: float | None = 
     return (float(A.sum()), A.size) if threshold is None else int(np.count_nonzero(A > threshold))
 
 
-def _check_block(Ws, col_norms, m) -> None:
+def check_block(Ws, col_norms, m) -> None:
     if len(Ws) == 0 or len(Ws) != len(col_norms):
         raise ValueError(f"Ws and col_norms must be non-empty sequences of equal length, "
                          f"got {len(Ws)} and {len(col_norms)}")
@@ -67,7 +67,7 @@ def outlier_ratio(Ws: Sequence[np.ndarray], col_norms: Sequence[np.ndarray], m: 
     """
     Ws = [np.asarray(W) for W in Ws]
     col_norms = [np.asarray(c) for c in col_norms]
-    _check_block(Ws, col_norms, m)
+    check_block(Ws, col_norms, m)
     sums = [_wanda_sums(W, c) for W, c in zip(Ws, col_norms)]
     total, count = sum(s for s, _ in sums), sum(n for _, n in sums)
     threshold = m * total / count

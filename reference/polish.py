@@ -33,7 +33,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from ._checks import check_gram, check_int, check_mask, check_positive, check_weights
+from .checks import check_gram, check_int, check_mask, check_positive, check_weights
 from .admm import precondition
 
 

@@ -7,14 +7,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._checks import check_finish, check_method, check_problem, check_result, check_solver
+from .checks import check_finish, check_method, check_problem, check_result, check_solver
+from . import methods
+from .methods import DEFAULT_DAMP  # noqa: F401  (public: admm_prune.reference.DEFAULT_DAMP)
 from .admm import admm_iterates, z_update
 from .masks import magnitude_scores, select_mask, wanda_scores
+from .options import DEFAULTS
 from .polish import PolishRecord, polish_iterates
 from .sparsegpt import sparsegpt
 
-#: damping used when ``damp=None``: the official ADMM code's 0.1, SparseGPT's own 0.01
-DEFAULT_DAMP = {"admm": 0.1, "admm-grad": 0.1, "sparsegpt": 0.01}
+
 #: damping of the finish when ``polish_damp=None`` after wanda or sparsegpt (after admm and
 #: admm-grad it is their own `damp`: the finish then solves the very problem ADMM solves)
 DEFAULT_POLISH_DAMP = 0.1
@@ -47,17 +49,17 @@ def prune_layer(
     XtX: np.ndarray,
     sparsity: float | None,
     *,
-    method: str = "admm-grad",
-    pattern: str = "unstructured",
-    group: str = "row",
-    rho: float = 1.0,
-    damp: float | None = None,
-    iters: int = 20,
-    mask_steps: int = 15,
+    method: str = DEFAULTS.method,
+    pattern: str = DEFAULTS.pattern,
+    group: str = DEFAULTS.group,
+    rho: float = DEFAULTS.rho,
+    damp: float | None = DEFAULTS.damp,
+    iters: int = DEFAULTS.iters,
+    mask_steps: int = DEFAULTS.mask_steps,
     mask: np.ndarray | None = None,
     track_objective: bool = True,
-    polish_iters: int = 0,
-    polish_damp: float | None = None,
+    polish_iters: int = DEFAULTS.polish_iters,
+    polish_damp: float | None = DEFAULTS.polish_damp,
 ) -> PruneResult:
     """W^ = argmin ||X W^T - X W^^T||^2 over W^ = W^ * M, with M chosen by `method`.
 
@@ -90,11 +92,12 @@ def prune_layer(
     Returns float64 arrays; the output is exactly zero outside the mask. Inputs are never
     modified and never aliased by the result.
     """
-    check_method(method)
+    spec = methods.get(check_method(method))
     p = check_problem(W, XtX, sparsity, pattern, group, mask)
-    check_solver(rho, 0.0 if damp is None else damp, iters, 0 if mask is not None else mask_steps)
+    check_solver(rho, 0.0 if damp is None else damp, iters,
+                 mask_steps if spec.mask_steps and mask is None else 0)
     polish_damp = check_finish(method, polish_iters, polish_damp)
-    damp = DEFAULT_DAMP.get(method, 0.0) if damp is None else damp
+    damp = (spec.default_damp or 0.0) if damp is None else damp
     W, XtX = np.asarray(p.W, np.float64), np.asarray(p.XtX, np.float64)
 
     history = ()
@@ -111,7 +114,7 @@ def prune_layer(
         records, state = [], None
         for state in admm_iterates(
             W, XtX, p.sparsity, pattern=pattern, group=group, rho=rho, damp=damp, iters=iters,
-            mask_steps=mask_steps if method == "admm-grad" else 0, mask=p.mask,
+            mask_steps=mask_steps if spec.mask_steps else 0, mask=p.mask,
             track_objective=track_objective,
         ):
             records.append(IterationRecord(state.k, state.objective, state.primal_residual,
@@ -122,7 +125,7 @@ def prune_layer(
     polish = ()
     if polish_iters:
         if polish_damp is None:
-            polish_damp = damp if method in ("admm", "admm-grad") else DEFAULT_POLISH_DAMP
+            polish_damp = damp if spec.finish_own_damp else DEFAULT_POLISH_DAMP
         records, state = [], None
         for state in polish_iterates(W, XtX, M, W_hat, damp=polish_damp, iters=polish_iters):
             records.append(PolishRecord(state.k, state.objective, state.residual))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from ._checks import check_gram, check_mask, check_positive, check_weights
+from .checks import check_gram, check_mask, check_positive, check_weights
 
 
 def masked_lstsq(W: np.ndarray, XtX: np.ndarray, mask: np.ndarray, damp: float = 0.1) -> np.ndarray:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import check_int, check_positive, check_problem
-from .masks import _prune_lowest, nm_protected
+from .checks import check_int, check_positive, check_problem
+from .masks import prune_lowest, nm_protected
 from .schedule import prune_count
+from .options import DEFAULTS
+from .methods import DEFAULT_DAMP
 
 
 def inverse_hessian_factor(XtX: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
@@ -35,10 +37,10 @@ def _block_mask(scores: np.ndarray, i1: int, i2: int, sparsity: float, group: st
     """Keep-mask of one column block, its prune count allocated so the totals are exact."""
     if group == "row":
         k = prune_count(i2, sparsity) - prune_count(i1, sparsity)
-        return _prune_lowest(scores, k)
+        return prune_lowest(scores, k)
     d_out = scores.shape[0]
     k = prune_count(d_out * i2, sparsity) - prune_count(d_out * i1, sparsity)
-    return _prune_lowest(scores.ravel(), k).reshape(scores.shape)
+    return prune_lowest(scores.ravel(), k).reshape(scores.shape)
 
 
 def sparsegpt(
@@ -46,8 +48,8 @@ def sparsegpt(
     XtX: np.ndarray,
     sparsity: float | None,
     pattern: str = "unstructured",
-    group: str = "row",
-    damp: float = 0.01,
+    group: str = DEFAULTS.group,
+    damp: float = DEFAULT_DAMP["sparsegpt"],
     blocksize: int = 128,
     mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:

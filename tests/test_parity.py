@@ -202,8 +202,8 @@ def test_select_mask_float32_rows_same_as_reference(seed, d_in, frac, levels, sp
     if special != "none":
         scores[cells] = {"+0": 0.0, "-0": -0.0, "inf": np.inf}[special]
     k = int(frac * d_in)  # the row rule behind select_mask (+inf: gradual N:M's protected scores)
-    from admm_prune.gpu.masks import _prune_lowest as gpu_rule
-    from admm_prune.reference.masks import _prune_lowest as ref_rule
+    from admm_prune.gpu.masks import prune_lowest as gpu_rule
+    from admm_prune.reference.masks import prune_lowest as ref_rule
     np.testing.assert_array_equal(n(gpu_rule(torch.from_numpy(scores), k)), ref_rule(scores, k))
 
 
@@ -256,14 +256,15 @@ def test_sparsegpt_with_and_without_mask(layer, sparsity, group, damp, blocksize
 @pytest.mark.parametrize("method", ["admm", "admm-grad", "sparsegpt", "wanda"])
 def test_prune_shared_shares_and_equals_separate(method, monkeypatch):
     """One factorization for three weights sharing a Gram, bit-identical to three calls."""
-    import admm_prune.gpu.prune as P
+    import admm_prune.gpu.methods.admm as A
+    import admm_prune.gpu.methods.sparsegpt as S
 
     W1, XtX, _ = outlier_layer(1, 8, 32)
     Ws = [t(W1), t(np.random.default_rng(2).normal(size=(12, 32))), t(W1[:3] * 2)]
     calls = []
-    for name in ("factorize", "inverse_hessian_factor"):
-        real = getattr(P, name)
-        monkeypatch.setattr(P, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    for module, name in ((A, "factorize"), (S, "inverse_hessian_factor")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     shared = G.prune_shared(Ws, t(XtX), 0.5, method=method, track_objective=False)
     assert len(calls) == (0 if method == "wanda" else 1)
     for W, r in zip(Ws, shared):

@@ -9,6 +9,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .schedule import prune_count
+from . import methods
+from .errors import AdmmPruneError
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "admm-grad")
 GROUPS = ("row", "layer")
@@ -24,28 +26,28 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
             n, m = int(n_str), int(m_str)
             if 0 < n < m:
                 return n, m
-    raise ValueError(
+    raise AdmmPruneError(
         f"pattern must be 'unstructured' or 'N:M' with integers 0 < N < M, got {pattern!r}"
     )
 
 
 def check_group(group: str) -> str:
     if group not in GROUPS:
-        raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+        raise AdmmPruneError(f"group must be one of {GROUPS}, got {group!r}")
     return group
 
 
 def check_method(method: str) -> str:
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise AdmmPruneError(f"method must be one of {METHODS}, got {method!r}")
     return method
 
 
 def check_fraction(name: str, value, *, upper_open: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
-        raise ValueError(f"{name} must be a real number in [0, 1), got {value!r}")
+        raise AdmmPruneError(f"{name} must be a real number in [0, 1), got {value!r}", field=name)
     if not (0.0 <= value < 1.0):
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        raise AdmmPruneError(f"{name} must be in [0, 1), got {value!r}", field=name)
     return float(value)
 
 
@@ -53,48 +55,48 @@ def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+        raise AdmmPruneError(f"{name} must be a finite number {bound}, got {value!r}", field=name)
     return float(value)
 
 
 def check_int(name: str, value, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise AdmmPruneError(f"{name} must be an integer >= {minimum}, got {value!r}", field=name)
     return int(value)
 
 
 def check_weights(W: np.ndarray) -> np.ndarray:
     W = np.asarray(W)
     if W.ndim != 2 or W.shape[0] == 0 or W.shape[1] == 0:
-        raise ValueError(f"W must be a non-empty 2-D array (d_out, d_in), got shape {W.shape}")
+        raise AdmmPruneError(f"W must be a non-empty 2-D array (d_out, d_in), got shape {W.shape}")
     if not np.all(np.isfinite(W)):
-        raise ValueError("W contains NaN or Inf")
+        raise AdmmPruneError("W contains NaN or Inf")
     return W
 
 
 def check_gram(XtX: np.ndarray, d_in: int) -> np.ndarray:
     XtX = np.asarray(XtX)
     if XtX.shape != (d_in, d_in):
-        raise ValueError(f"XtX must have shape (d_in, d_in) = ({d_in}, {d_in}), got {XtX.shape}")
+        raise AdmmPruneError(f"XtX must have shape (d_in, d_in) = ({d_in}, {d_in}), got {XtX.shape}")
     if not np.all(np.isfinite(XtX)):
-        raise ValueError("XtX contains NaN or Inf")
+        raise AdmmPruneError("XtX contains NaN or Inf")
     if np.any(np.diag(XtX) < 0):
-        raise ValueError("XtX must be a Gram matrix X^T X: its diagonal has negative entries")
+        raise AdmmPruneError("XtX must be a Gram matrix X^T X: its diagonal has negative entries")
     return XtX
 
 
 def check_mask(mask, shape: tuple[int, int]) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.shape != tuple(shape):
-        raise ValueError(f"mask must have the shape of W {tuple(shape)}, got {mask.shape}")
+        raise AdmmPruneError(f"mask must have the shape of W {tuple(shape)}, got {mask.shape}")
     if mask.dtype != np.bool_:
-        raise ValueError(f"mask must be a boolean array (True = kept), got dtype {mask.dtype}")
+        raise AdmmPruneError(f"mask must be a boolean array (True = kept), got dtype {mask.dtype}")
     return mask
 
 
 def check_divisible(d_in: int, nm: tuple[int, int] | None) -> None:
     if nm is not None and d_in % nm[1] != 0:
-        raise ValueError(
+        raise AdmmPruneError(
             f"pattern {nm[0]}:{nm[1]} needs d_in divisible by {nm[1]}, but W has d_in = {d_in}"
         )
 
@@ -108,13 +110,13 @@ def check_mask_target(sparsity, pattern: str, group: str, d_in: int):
     nm = parse_pattern(pattern)
     if nm is None:
         if sparsity is None:
-            raise ValueError("sparsity is required for the unstructured pattern")
+            raise AdmmPruneError("sparsity is required for the unstructured pattern")
         return None, check_fraction("sparsity", sparsity), False
     check_divisible(d_in, nm)
     full = 1.0 - nm[0] / nm[1]
     s = full if sparsity is None else check_fraction("sparsity", sparsity)
     if s > full + 1e-9:
-        raise ValueError(f"sparsity={sparsity!r} exceeds what pattern {pattern} allows ({full:g})")
+        raise AdmmPruneError(f"sparsity={sparsity!r} exceeds what pattern {pattern} allows ({full:g})")
     return nm, s, s >= full - 1e-9
 
 
@@ -123,7 +125,7 @@ def resolve_sparsity(sparsity, nm: tuple[int, int] | None, *, allow_none: bool) 
     if nm is not None:
         implied = 1.0 - nm[0] / nm[1]
         if sparsity is not None and abs(check_fraction("sparsity", sparsity) - implied) > 1e-9:
-            raise ValueError(
+            raise AdmmPruneError(
                 f"sparsity={sparsity!r} contradicts pattern {nm[0]}:{nm[1]}, which implies "
                 f"{implied:g}; pass sparsity=None"
             )
@@ -131,7 +133,7 @@ def resolve_sparsity(sparsity, nm: tuple[int, int] | None, *, allow_none: bool) 
     if sparsity is None:
         if allow_none:
             return None
-        raise ValueError("sparsity is required for the unstructured pattern")
+        raise AdmmPruneError("sparsity is required for the unstructured pattern")
     return check_fraction("sparsity", sparsity)
 
 
@@ -149,12 +151,12 @@ def check_mask_sparsity(mask: np.ndarray, sparsity: float, nm, group: str) -> No
     if nm is not None:
         groups = mask.reshape(d_out * d_in // nm[1], nm[1]).sum(axis=1)
         if np.any(groups > nm[0]):
-            raise ValueError(f"mask does not satisfy the pattern {nm[0]}:{nm[1]}")
+            raise AdmmPruneError(f"mask does not satisfy the pattern {nm[0]}:{nm[1]}")
         return
     pruned = (~mask).sum(axis=1) if group == "row" else np.array([(~mask).sum()])
     want = prune_count(d_in if group == "row" else mask.size, sparsity)
     if np.any(pruned != want):
-        raise ValueError(
+        raise AdmmPruneError(
             f"mask has {int((~mask).sum())} pruned weights, but sparsity={sparsity!r} with "
             f"group={group!r} means {want} per {group}; pass sparsity=None with mask="
         )
@@ -190,8 +192,8 @@ def check_problem(W, XtX, sparsity, pattern, group, mask) -> Problem:
 def check_finish(method: str, polish_iters, polish_damp):
     """`prune_layer`'s finish settings: K >= 0 steps, damping >= 0 or None; returns polish_damp."""
     check_int("polish_iters", polish_iters, minimum=0)
-    if polish_iters and method == "magnitude":
-        raise ValueError("polish_iters needs the inputs' Gram XtX; method='magnitude' reads only "
+    if polish_iters and methods.get(method).needs == "weights":
+        raise AdmmPruneError("polish_iters needs the inputs' Gram XtX; method='magnitude' reads only "
                          "the weights (use wanda, sparsegpt, admm or admm-grad)")
     return None if polish_damp is None else check_positive("polish_damp", polish_damp, allow_zero=True)
 
@@ -201,7 +203,7 @@ def check_result(W_hat: np.ndarray, dtype) -> np.ndarray:
     out = np.asarray(W_hat).astype(dtype, copy=False)
     if not np.all(np.isfinite(out)):
         big = float(np.max(np.abs(W_hat[np.isfinite(W_hat)]), initial=0.0))
-        raise ValueError(
+        raise AdmmPruneError(
             f"W: the pruned weights do not fit {np.dtype(dtype).name} (largest finite |value| "
             f"{big:.3g}); prune a float32/float64 copy of W, or rescale it")
     return out
@@ -213,4 +215,4 @@ def check_solver(rho, damp, iters, mask_steps) -> None:
     check_int("iters", iters, minimum=1)
     check_int("mask_steps", mask_steps, minimum=0)
     if mask_steps > iters:
-        raise ValueError(f"mask_steps must be <= iters ({iters}), got {mask_steps}")
+        raise AdmmPruneError(f"mask_steps must be <= iters ({iters}), got {mask_steps}")

@@ -1,7 +1,7 @@
 """Tensor validation and the dtype policy of the torch backend.
 
 The scalar checks (sparsity, pattern, group, method, solver settings) are the reference's
-own (`admm_prune.reference._checks`, `check_target` for `check_problem`'s scalar half),
+own (`admm_prune.reference.checks`, `check_target` for `check_problem`'s scalar half),
 so both backends raise the same ValueError for the same bad input. The tensor checks
 below are their twins on the device: each costs one host sync (`bool(...)` of a
 reduction), never a copy of the tensor to the host. Numerics live in `linalg`.
@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from admm_prune.reference._checks import Problem, check_target
+from admm_prune.reference.checks import Problem, check_target
 from admm_prune.reference.schedule import prune_count
+from admm_prune.reference.errors import AdmmPruneError
 
 
 def as_tensor(x, device: torch.device | None = None) -> torch.Tensor:
@@ -31,41 +32,41 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def check_weights(W) -> torch.Tensor:
     W = as_tensor(W)
     if W.ndim != 2 or W.shape[0] == 0 or W.shape[1] == 0:
-        raise ValueError(f"W must be a non-empty 2-D array (d_out, d_in), got shape {tuple(W.shape)}")
+        raise AdmmPruneError(f"W must be a non-empty 2-D array (d_out, d_in), got shape {tuple(W.shape)}")
     if not W.is_floating_point():
         W = W.to(torch.float32)
     if not bool(torch.isfinite(W).all()):
-        raise ValueError("W contains NaN or Inf")
+        raise AdmmPruneError("W contains NaN or Inf")
     return W
 
 
 def check_same_device(name: str, x: torch.Tensor, device: torch.device) -> None:
     if x.device != device:
-        raise ValueError(f"{name} must be on the device of W ({device}), got {x.device}")
+        raise AdmmPruneError(f"{name} must be on the device of W ({device}), got {x.device}", field=name)
 
 
 def check_gram(XtX, d_in: int, device: torch.device) -> torch.Tensor:
     XtX = as_tensor(XtX, device)
     if tuple(XtX.shape) != (d_in, d_in):
-        raise ValueError(f"XtX must have shape (d_in, d_in) = ({d_in}, {d_in}), got {tuple(XtX.shape)}")
+        raise AdmmPruneError(f"XtX must have shape (d_in, d_in) = ({d_in}, {d_in}), got {tuple(XtX.shape)}")
     check_same_device("XtX", XtX, device)
     if not XtX.is_floating_point():
         XtX = XtX.to(torch.float32)
     # one sync for both checks
     finite, nonneg = torch.stack([torch.isfinite(XtX).all(), (XtX.diagonal() >= 0).all()]).tolist()
     if not finite:
-        raise ValueError("XtX contains NaN or Inf")
+        raise AdmmPruneError("XtX contains NaN or Inf")
     if not nonneg:
-        raise ValueError("XtX must be a Gram matrix X^T X: its diagonal has negative entries")
+        raise AdmmPruneError("XtX must be a Gram matrix X^T X: its diagonal has negative entries")
     return XtX
 
 
 def check_mask(mask, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
     mask = as_tensor(mask, device)
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask must have the shape of W {tuple(shape)}, got {tuple(mask.shape)}")
+        raise AdmmPruneError(f"mask must have the shape of W {tuple(shape)}, got {tuple(mask.shape)}")
     if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a boolean array (True = kept), got dtype {mask.dtype}")
+        raise AdmmPruneError(f"mask must be a boolean array (True = kept), got dtype {mask.dtype}")
     check_same_device("mask", mask, device)
     return mask
 
@@ -76,12 +77,12 @@ def check_mask_sparsity(mask: torch.Tensor, sparsity: float, nm, group: str) -> 
     if nm is not None:
         kept = mask.reshape(d_out * d_in // nm[1], nm[1]).sum(dim=1)
         if bool((kept > nm[0]).any()):
-            raise ValueError(f"mask does not satisfy the pattern {nm[0]}:{nm[1]}")
+            raise AdmmPruneError(f"mask does not satisfy the pattern {nm[0]}:{nm[1]}")
         return
     pruned = (~mask).sum(dim=1) if group == "row" else (~mask).sum().reshape(1)
     want = prune_count(d_in if group == "row" else mask.numel(), sparsity)
     if bool((pruned != want).any()):
-        raise ValueError(
+        raise AdmmPruneError(
             f"mask has {int((~mask).sum())} pruned weights, but sparsity={sparsity!r} with "
             f"group={group!r} means {want} per {group}; pass sparsity=None with mask="
         )
@@ -97,7 +98,7 @@ def check_problem(W, XtX, sparsity, pattern, group, mask, *, gram_checked: bool 
     W = check_weights(W)
     if gram_checked:
         if tuple(XtX.shape) != (W.shape[1],) * 2:
-            raise ValueError(f"XtX must have shape (d_in, d_in) = ({W.shape[1]}, {W.shape[1]}), "
+            raise AdmmPruneError(f"XtX must have shape (d_in, d_in) = ({W.shape[1]}, {W.shape[1]}), "
                              f"got {tuple(XtX.shape)}")
         check_same_device("XtX", XtX, W.device)
     else:
@@ -120,7 +121,7 @@ def check_result(W_hat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if not bool(torch.isfinite(out).all()):
         finite = W_hat[torch.isfinite(W_hat)]
         big = float(finite.abs().max()) if finite.numel() else float("nan")
-        raise ValueError(
+        raise AdmmPruneError(
             f"W: the pruned weights do not fit {str(dtype).replace('torch.', '')} (largest "
             f"finite |value| {big:.3g}); prune a float32 copy of W, or rescale it")
     return out
