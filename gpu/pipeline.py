@@ -45,7 +45,6 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import models as models_mod
-from .checks import compute_dtype
 from .calibration import (
     GramCollector, NormCollector, calibrate_block, capture_block_inputs, release_memory, run_block, visiting,
 )
@@ -56,10 +55,9 @@ from .evaluate import (  # noqa: F401  (re-exported: the names scripts and the t
     as_source, check_seqlen_fits, format_eval_markdown, linear_sparsity, load_eval_windows, naming,
     perplexity, run_eval,
 )
-from .masks import magnitude_scores, select_mask
 from .owl import outlier_ratio
 from admm_prune.reference import owl_sparsities
-from .prune import PruneResult, prune_shared
+from .prune import prune_shared, prune_weights
 from .report import (  # noqa: F401
     NO_TIMER, LinearRecord, PhaseTimer, PruneReport, mean_layer_error, peak_memory, versions, write_atomic,
 )
@@ -77,31 +75,24 @@ def _check_finite(tensor: torch.Tensor, what: str):
         raise PipelineError(f"NaN/Inf in {what}; try dtype float32 or a larger damp")
 
 
-def needs_calibration(cfg: PruneConfig) -> bool:
-    """Magnitude pruning ranks |W| alone: no calibration data, no block forwards (unless
-    OWL's per-block targets ask for the dense activations)."""
-    return cfg.method != "magnitude" or cfg.sparsity_profile == "owl"
-
-
 @torch.no_grad()
 def prune_group(block, block_idx: int, names: list[str], XtX: torch.Tensor | None, cfg: PruneConfig,
                 sparsity: float | None, callback: Callable | None = None, timer: PhaseTimer = NO_TIMER,
                 ) -> list[LinearRecord]:
     """Prune the linears of `names` (one shared input, one Gram; None for magnitude) in place
-    to `sparsity` (the block's target: ``cfg.sparsity``, or OWL's for this block). Wanda
-    without layer errors gets diag(XtX) only (its scores read nothing else)."""
+    to `sparsity` (the block's target: ``cfg.sparsity``, or OWL's for this block). A method
+    that needs only the column norms (Wanda) gets diag(XtX) as a vector, unless layer errors
+    or a callback asked for the full Gram."""
     linears = [block.get_submodule(n) for n in names]
     t0 = time.perf_counter()
     dense = [lin.weight.detach().clone() for lin in linears]
     with timer("solve"):
-        if XtX is None:  # magnitude: |W| as prune_layer scores it, no inputs needed
-            results = [PruneResult(W=W * m, mask=m) for W in dense
-                       for m in [select_mask(magnitude_scores(W.to(compute_dtype(W))), sparsity,
-                                             cfg.pattern, cfg.group)]]
+        if XtX is None:  # a method that reads only the weights: each linear on its own
+            results = [prune_weights(W, sparsity, cfg) for W in dense]
         else:
             _check_finite(XtX, f"block {block_idx} inputs of {names[0]} (Gram matrix)")
             gram = torch.diag(XtX) if XtX.ndim == 1 else XtX
-            results = prune_shared(dense, gram, sparsity, **cfg.solver_kwargs)
+            results = prune_shared(dense, gram, sparsity, **cfg.engine_solver_kwargs())
     seconds = (time.perf_counter() - t0) / len(names)
     records = []
     for n, lin, W, res in zip(names, linears, dense, results):
@@ -128,10 +119,11 @@ def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, sparsity: float |
     then each group's solve. With several ranks the Grams are summed over the ranks' windows,
     each group is solved by one rank (`Dist.assign`, by cost) and its weights broadcast."""
     groups = list(models_mod.linear_groups(block).values())
-    if cfg.method == "magnitude":  # |W| only: every rank computes the same, nothing to share
+    needs = cfg.spec.needs
+    if needs == "weights":  # |W| only: every rank computes the same, nothing to share
         return [r for g in groups for r in prune_group(block, i, g, None, cfg, sparsity, callback, timer)]
     # Wanda's scores read only diag(XtX); the full Gram only for layer errors or a callback
-    full = cfg.method != "wanda" or cfg.measure_errors or callback is not None
+    full = needs == "gram" or cfg.measure_errors or callback is not None
     collect = GramCollector if full else NormCollector
     records = []
     for stage in ([[g] for g in groups] if cfg.true_sequential else [groups]):
@@ -231,7 +223,7 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
     if targets is None:
         targets = block_targets(source, calib_ids, cfg)["targets"]
     inps = kwargs = outs = None
-    if cfg.method != "magnitude":
+    if cfg.spec.needs != "weights":
         inps, kwargs = capture_block_inputs(source.model, dist.share(calib_ids), device, store, cfg.progress)
         outs = torch.empty_like(inps) if nblocks > 1 else None  # only forwards between pruned blocks
     records, block_seconds = [], []
@@ -293,7 +285,7 @@ def achieved_block_sparsity(records: list[LinearRecord]) -> list[float]:
 
 
 def _calibration(cfg: PruneConfig, tokenizer):
-    if not needs_calibration(cfg):
+    if not cfg.needs_calibration:
         return None, {"mode": "none", "reason": f"{cfg.method} reads only the weights"}
     with naming("--calib", cfg.calib):
         texts = data_mod.load_texts(cfg.calib, split="train")

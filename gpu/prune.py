@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from admm_prune.reference.checks import check_finish, check_solver
-from admm_prune.reference.options import DEFAULTS
+from admm_prune.reference.checks import Problem, check_finish, check_solver
+from admm_prune.reference.errors import AdmmPruneError
+from admm_prune.reference.options import DEFAULTS, SolverOptions
 from admm_prune.reference.prune import DEFAULT_POLISH_DAMP, PolishRecord, PruneResult
 
 from . import methods
@@ -76,6 +77,20 @@ def prune_shared(Ws, XtX, sparsity, **kwargs) -> list[PruneResult]:
     as `prune_layer`'s. All inputs are checked before any work.
     """
     return _prune_shared(list(Ws), XtX, sparsity, **kwargs)
+
+
+@torch.no_grad()
+def prune_weights(W: torch.Tensor, sparsity: float | None, options: SolverOptions) -> PruneResult:
+    """W^ = W * M for a method that reads only the weights (magnitude): no Gram, no inputs.
+
+    `options` gives the method, pattern and group (validated there); W is trusted (the
+    engine checked the checkpoint). The result is in W's dtype."""
+    impl = methods.get(options.method)
+    if impl.spec.needs != "weights":
+        raise AdmmPruneError(f"method {options.method} needs the inputs' {impl.spec.needs}", field="method")
+    settings = methods.Settings(options.pattern, options.group, options.rho, 0.0, options.iters, 0, False, False)
+    out = impl.prune(Problem(W, None, sparsity, options.nm, None), W.to(compute_dtype(W)), None, settings)
+    return PruneResult(check_result(out.W, W.dtype), out.mask)
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from admm_prune.reference.errors import AdmmPruneError
+
 import contextlib
 import os
 import time
@@ -168,16 +170,16 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 def missing_parents(out: str) -> list[Path]:
     """The folders above `out` that do not exist yet (outermost first), after checking that
-    the nearest existing one is a folder this process can write in. Raises ValueError naming
-    `out` (callers re-raise as their own error type)."""
+    the nearest existing one is a folder this process can write in. Raises AdmmPruneError
+    naming `out`."""
     path = Path(out).absolute()
     missing = []
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise ValueError(f"out {out}: {parent} is a file, not a folder")
+                raise AdmmPruneError(f"out {out}: {parent} is a file, not a folder", field="out")
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"out {out}: cannot write to {parent}")
+                raise AdmmPruneError(f"out {out}: cannot write to {parent}", field="out")
             return missing[::-1]
         missing.append(parent)
     return missing[::-1]

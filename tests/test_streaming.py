@@ -11,6 +11,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from admm_prune.reference.errors import AdmmPruneError
 from synth import write_corpus
 
 torch = pytest.importorskip("torch")
@@ -121,9 +123,9 @@ def test_resume_refuses_a_changed_config(corpus, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(pipeline.RunInterrupted):
         pipeline.run_prune(_cfg(corpus, model=str(ck), out=str(out)), callback=_interrupt_after_block(1))
-    with pytest.raises(pipeline.PipelineError, match=r"cannot resume .*sparsity was 0.5, now 0.6"):
+    with pytest.raises(AdmmPruneError, match=r"cannot resume .*sparsity was 0.5, now 0.6"):
         pipeline.run_prune(_cfg(corpus, model=str(ck), out=str(out), resume=True, sparsity=0.6))
-    with pytest.raises(pipeline.PipelineError, match=r"calibration_sha256 was"):
+    with pytest.raises(AdmmPruneError, match=r"calibration_sha256 was"):
         pipeline.run_prune(_cfg(corpus, model=str(ck), out=str(out), resume=True, seed=1))
     # a fresh run (no --resume) removes the stale staging folder and starts over
     report = pipeline.run_prune(_cfg(corpus, model=str(ck), out=str(out)))
