@@ -220,7 +220,7 @@ def admm_iterates(
     XtX: torch.Tensor,
     sparsity: float | None,
     *,
-    pattern: str = "unstructured",
+    pattern: str = DEFAULTS.pattern,
     group: str = DEFAULTS.group,
     rho: float = DEFAULTS.rho,
     damp: float = DEFAULT_DAMP["admm"],

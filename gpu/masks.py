@@ -138,7 +138,7 @@ def select_unchecked(scores: torch.Tensor, sparsity: float | None, pattern: str,
 def select_mask(
     scores: torch.Tensor,
     sparsity: float | None,
-    pattern: str = "unstructured",
+    pattern: str = DEFAULTS.pattern,
     group: str = DEFAULTS.group,
 ) -> torch.Tensor:
     """M = keep the highest scores: prune floor(s * n) lowest per group (True = kept).

@@ -20,6 +20,8 @@ from admm_prune.reference.polish import PolishState
 
 from .checks import as_tensor, check_gram, check_mask, check_weights, compute_dtype
 from .admm import precondition
+from admm_prune.reference.methods import DEFAULT_POLISH_DAMP
+from admm_prune.reference.polish import POLISH_STEPS
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -92,8 +94,8 @@ def polish_iterates(
     mask: torch.Tensor,
     W_start: torch.Tensor,
     *,
-    damp: float = 0.1,
-    iters: int = 10,
+    damp: float = DEFAULT_POLISH_DAMP,
+    iters: int = POLISH_STEPS,
 ) -> Iterator[PolishState]:
     """Yield W_k, k = 0..iters: CG on G~_SS w_S = (W0~ G~)_S per row, from W_start * M.
 

@@ -7,13 +7,14 @@ import torch
 from admm_prune.reference.checks import check_positive
 
 from .checks import as_tensor, check_gram, check_mask, check_weights, compute_dtype
+from admm_prune.reference.methods import DEFAULT_DAMP
 
 #: elements of the batched (rows, k, k) systems solved at once by `masked_lstsq`
 _BATCH_ELEMENTS = 2**24
 
 
 @torch.no_grad()
-def masked_lstsq(W: torch.Tensor, XtX: torch.Tensor, mask: torch.Tensor, damp: float = 0.1) -> torch.Tensor:
+def masked_lstsq(W: torch.Tensor, XtX: torch.Tensor, mask: torch.Tensor, damp: float = DEFAULT_DAMP["admm"]) -> torch.Tensor:
     """W^ = argmin tr((W^ - W) G (W^ - W)^T) s.t. W^ = W^ * M,  G = XtX + damp diag(XtX).
 
     Rows are independent: on a row's kept live support S (P = pruned inputs),

@@ -108,7 +108,7 @@ def sparsegpt(
     W: torch.Tensor,
     XtX: torch.Tensor,
     sparsity: float | None,
-    pattern: str = "unstructured",
+    pattern: str = DEFAULTS.pattern,
     group: str = DEFAULTS.group,
     damp: float = DEFAULT_DAMP["sparsegpt"],
     blocksize: int = 128,

@@ -145,7 +145,7 @@ def admm_iterates(
     XtX: np.ndarray,
     sparsity: float | None,
     *,
-    pattern: str = "unstructured",
+    pattern: str = DEFAULTS.pattern,
     group: str = DEFAULTS.group,
     rho: float = DEFAULTS.rho,
     damp: float = DEFAULT_DAMP["admm"],

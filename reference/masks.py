@@ -57,7 +57,7 @@ def nm_protected(scores: np.ndarray, n: int, m: int) -> np.ndarray:
 def select_mask(
     scores: np.ndarray,
     sparsity: float | None,
-    pattern: str = "unstructured",
+    pattern: str = DEFAULTS.pattern,
     group: str = DEFAULTS.group,
 ) -> np.ndarray:
     """M = keep the highest scores: prune floor(s * n) lowest per group (True = kept).

@@ -72,3 +72,5 @@ register(Method("admm-grad", "gram", 0.1, True, True,
 
 #: damping used when ``damp=None``: the official ADMM code's 0.1, SparseGPT's own 0.01
 DEFAULT_DAMP = {m.name: m.default_damp for m in REGISTRY.values() if m.default_damp is not None}
+#: damping of the finish after a method that does not set its own (`Method.finish_own_damp`)
+DEFAULT_POLISH_DAMP = 0.1

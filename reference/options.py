@@ -53,14 +53,16 @@ class SolverOptions(Options):
     group: str = option("row", "compare scores per output row (Wanda) or over the whole matrix "
                                "(official code)", choices=GROUPS)
     rho: float = option(1.0, "ADMM penalty (preconditioned units)")
-    damp: float | None = option(None, "damping lambda (default: 0.1 for ADMM, 0.01 for SparseGPT)")
+    damp: float | None = option(None, f"damping lambda (default: {methods.DEFAULT_DAMP['admm']:g} for ADMM, "
+                                      f"{methods.DEFAULT_DAMP['sparsegpt']:g} for SparseGPT)")
     iters: int = option(20, "ADMM iterations")
     mask_steps: int = option(15, "ADMM-Grad mask re-selections, within the first --iters")
     polish_iters: int = option(0, "finish on the final support: K preconditioned CG steps per row after the "
                                   "method (0 keeps the paper's method; see paper_notes/beyond_the_paper.md)",
                                metavar="K")
-    polish_damp: float | None = option(None, "damping of the finish (default: the method's own after admm "
-                                             "and admm-grad, 0.1 after wanda and sparsegpt)")
+    polish_damp: float | None = option(None, f"damping of the finish (default: the method's own after admm "
+                                             f"and admm-grad, {methods.DEFAULT_POLISH_DAMP:g} after wanda and "
+                                             f"sparsegpt)")
     sparsity_profile: str = option("uniform", "the same sparsity in every block, or OWL's per-block targets "
                                               "from the dense model's outlier ratios (unstructured only)",
                                    choices=PROFILES)

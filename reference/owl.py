@@ -34,6 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from .checks import check_fraction, check_positive, parse_pattern
+from .options import DEFAULTS
 
 
 def _wanda_sums(W: np.ndarray, col_norms: np.ndarray, threshold: float | None = None):
@@ -91,7 +92,7 @@ def owl_sparsities(
     sizes: Sequence[int],
     sparsity: float,
     lam: float = 0.08,
-    pattern: str = "unstructured",
+    pattern: str = DEFAULTS.pattern,
 ) -> np.ndarray:
     """S_l = clip(S + lam - 2 lam r_l + c, S - lam, S + lam), r_l = min-max normalised D_l.
 

@@ -35,6 +35,10 @@ import numpy as np
 
 from .checks import check_gram, check_int, check_mask, check_positive, check_weights
 from .admm import precondition
+from .methods import DEFAULT_POLISH_DAMP
+
+#: how many steps `polish_iterates` takes when not told (the step-through's length)
+POLISH_STEPS = 10
 
 
 class PolishRecord(NamedTuple):
@@ -92,8 +96,8 @@ def polish_iterates(
     mask: np.ndarray,
     W_start: np.ndarray,
     *,
-    damp: float = 0.1,
-    iters: int = 10,
+    damp: float = DEFAULT_POLISH_DAMP,
+    iters: int = POLISH_STEPS,
 ) -> Iterator[PolishState]:
     """Yield W_k, k = 0..iters: CG on G~_SS w_S = (W0~ G~)_S per row, from W_start * M.
 

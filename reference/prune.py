@@ -9,7 +9,7 @@ import numpy as np
 
 from .checks import check_finish, check_method, check_problem, check_result, check_solver
 from . import methods
-from .methods import DEFAULT_DAMP  # noqa: F401  (public: admm_prune.reference.DEFAULT_DAMP)
+from .methods import DEFAULT_DAMP, DEFAULT_POLISH_DAMP  # noqa: F401  (public through admm_prune.reference)
 from .admm import admm_iterates, z_update
 from .masks import magnitude_scores, select_mask, wanda_scores
 from .options import DEFAULTS
@@ -17,9 +17,6 @@ from .polish import PolishRecord, polish_iterates
 from .sparsegpt import sparsegpt
 
 
-#: damping of the finish when ``polish_damp=None`` after wanda or sparsegpt (after admm and
-#: admm-grad it is their own `damp`: the finish then solves the very problem ADMM solves)
-DEFAULT_POLISH_DAMP = 0.1
 
 
 class IterationRecord(NamedTuple):

@@ -6,9 +6,10 @@ import numpy as np
 import scipy.linalg
 
 from .checks import check_gram, check_mask, check_positive, check_weights
+from .methods import DEFAULT_DAMP
 
 
-def masked_lstsq(W: np.ndarray, XtX: np.ndarray, mask: np.ndarray, damp: float = 0.1) -> np.ndarray:
+def masked_lstsq(W: np.ndarray, XtX: np.ndarray, mask: np.ndarray, damp: float = DEFAULT_DAMP["admm"]) -> np.ndarray:
     """W^ = argmin tr((W^ - W) G (W^ - W)^T) s.t. W^ = W^ * M,  G = XtX + damp diag(XtX).
 
     Rows are independent: on a row's kept live support S (P = pruned inputs),

@@ -47,7 +47,7 @@ def sparsegpt(
     W: np.ndarray,
     XtX: np.ndarray,
     sparsity: float | None,
-    pattern: str = "unstructured",
+    pattern: str = DEFAULTS.pattern,
     group: str = DEFAULTS.group,
     damp: float = DEFAULT_DAMP["sparsegpt"],
     blocksize: int = 128,

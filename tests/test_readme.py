@@ -137,7 +137,7 @@ def test_tutorial_notebook_command_executes(tmp_path):
     command = next(words for block in _shell_commands((ROOT / "tutorial" / "README.md").read_text())
                    for words in block if "--execute" in words)
     assert Path(command[0]).name == "jupytext"
-    for chapter in ("_tutorial.py", "01_layerwise_problem.py"):
+    for chapter in ("common.py", "01_layerwise_problem.py"):
         shutil.copy(ROOT / "tutorial" / chapter, tmp_path)
     args = [str(tmp_path / Path(w).name) if w.startswith("tutorial/") else w for w in command[1:]]
     env = dict(os.environ, ADMM_TUTORIAL_FAST="1", ADMM_TUTORIAL_OUT=str(tmp_path / "out"))

@@ -34,7 +34,7 @@
 # %%
 import time
 
-from _tutorial import FAST, np, plt, save
+from common import FAST, np, plt, save
 
 import admm_prune.reference as R
 

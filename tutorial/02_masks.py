@@ -22,7 +22,7 @@
 # each choice on a layer with outlier features.
 
 # %%
-from _tutorial import FAST, np, plt, save, outlier_layer
+from common import FAST, np, plt, save, outlier_layer
 
 import admm_prune.reference as R
 
@@ -30,7 +30,7 @@ import admm_prune.reference as R
 # %% [markdown]
 # A synthetic layer that looks like an LLM layer where it matters: the input features have
 # log-normal scales, a few of them ("outlier features") are 20 times larger, and the inputs
-# are correlated. (`outlier_layer` in `_tutorial.py`, the test suite's recipe.)
+# are correlated. (`outlier_layer` in `common.py`, the test suite's recipe.)
 
 # %%
 d_out, d_in = (32, 64) if FAST else (128, 256)

@@ -23,7 +23,7 @@
 # watch it converge to the exact answer of `masked_lstsq`.
 
 # %%
-from _tutorial import FAST, np, plt, save, outlier_layer
+from common import FAST, np, plt, save, outlier_layer
 
 import admm_prune.reference as R
 

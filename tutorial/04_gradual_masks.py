@@ -24,7 +24,7 @@
 # layer at several sparsities.
 
 # %%
-from _tutorial import FAST, np, plt, save, outlier_layer
+from common import FAST, np, plt, save, outlier_layer
 
 import admm_prune.reference as R
 

@@ -29,7 +29,7 @@
 # %%
 import time
 
-from _tutorial import FAST, OUT, DATA, np, plt, save, outlier_layer
+from common import FAST, OUT, DATA, np, plt, save, outlier_layer
 
 import admm_prune.reference as R
 

@@ -30,7 +30,7 @@ import inspect
 import os
 import time
 
-from _tutorial import FAST, np, plt, save, outlier_layer
+from common import FAST, np, plt, save, outlier_layer
 
 import torch
 import admm_prune.gpu as G

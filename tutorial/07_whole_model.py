@@ -31,7 +31,7 @@
 import json
 import math
 
-from _tutorial import FAST, OUT, DATA, np, plt, save
+from common import FAST, OUT, DATA, np, plt, save
 
 import torch
 import admm_prune.reference as R

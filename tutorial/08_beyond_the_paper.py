@@ -29,7 +29,7 @@
 # SmolLM2 model comes after it.
 
 # %%
-from _tutorial import FAST, np, plt, save, outlier_layer
+from common import FAST, np, plt, save, outlier_layer
 
 import admm_prune.reference as R
 
@@ -182,7 +182,7 @@ print("OWL targets:", np.round(S_l, 3))
 # %%
 import json  # noqa: E402
 
-from _tutorial import DATA, OUT  # noqa: E402
+from common import DATA, OUT  # noqa: E402
 
 from admm_prune.gpu import models, pipeline  # noqa: E402
 

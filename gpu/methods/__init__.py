@@ -10,7 +10,7 @@ and its `MethodImpl`, and one line in `IMPLEMENTATIONS` below (README, "Adding a
 
 from __future__ import annotations
 
-from admm_prune.reference import methods as _specs
+from admm_prune.reference import methods as specs
 
 from .admm import ADMM, ADMMGrad
 from .base import MethodImpl, Pruned, Settings
@@ -29,11 +29,11 @@ IMPLEMENTATIONS: dict[str, MethodImpl] = {impl.spec.name: impl for impl in (
 
 def get(name: str) -> MethodImpl:
     """The implementation of method `name` (AdmmPruneError naming ``method`` otherwise)."""
-    _specs.get(name)  # the one error message for an unknown name
+    specs.get(name)  # the one error message for an unknown name
     try:
         return IMPLEMENTATIONS[name]
     except KeyError:
-        raise _specs.AdmmPruneError(f"method {name!r} is registered but has no torch implementation",
+        raise specs.AdmmPruneError(f"method {name!r} is registered but has no torch implementation",
                                     field="method") from None
 
 

@@ -1,6 +1,6 @@
 """What every tutorial chapter sets up the same way: threads, fast mode, plots, a test layer.
 
-Chapters import from here (``from _tutorial import ...``); it works when a chapter runs as
+Chapters import from here (``from common import ...``); it works when a chapter runs as
 a script (its folder is on ``sys.path``) and in a notebook opened from this folder.
 """
 
