@@ -38,6 +38,23 @@ class DataError(ValueError):
     """Bad data input (missing or empty file, no text field, too little text); a user error."""
 
 
+class HubUnreachable(DataError):
+    """A hub dataset asked for while the hub cannot be reached. With `flag` (the option that named
+    the source, which only the caller knows) the hint says how to pass a local copy instead."""
+
+    LOCAL_COPY = {"c4": "c4-train.00000-of-01024.json.gz", "wikitext2": "wiki.test.raw"}
+
+    def __init__(self, source, reason, flag=None):
+        self.source, self.reason, self.flag = source, reason, flag
+        said = f"{flag} {source}" if flag else source
+        example = f"{flag} " if flag else ""
+        super().__init__(f"{said}: the dataset hub is unreachable ({reason}); pass a local file instead "
+                         f"(e.g. {example}/path/to/{self.LOCAL_COPY.get(source, 'data.jsonl')})")
+
+    def __reduce__(self):
+        return type(self), (self.source, self.reason, self.flag)
+
+
 def hub_unreachable_reason(offline_vars=("HF_HUB_OFFLINE",), timeout=3.0):
     """Why the Hugging Face hub cannot be used now, or None.
 
@@ -212,10 +229,7 @@ def _load_hub(source, split):
             return list(data["text"])
         except ConnectionError as error:
             reason = str(error)
-    raise DataError(
-        f"cannot load {source!r}: the dataset hub is unreachable ({reason}); "
-        f"pass a local file instead (e.g. --calib /path/to/c4.jsonl)"
-    )
+    raise HubUnreachable(source, reason)
 
 
 def perplexity_text(texts):

@@ -72,9 +72,12 @@ def perplexity(model, windows: torch.Tensor, device=None, offload_activations: b
 
 @contextlib.contextmanager
 def naming(flag: str, source: str):
-    """Prefix a data error with the flag and source it concerns."""
+    """Prefix a data error with the flag and source it concerns (unless it names the file already);
+    an unreachable hub's hint names `flag` too."""
     try:
         yield
+    except data_mod.HubUnreachable as e:
+        raise data_mod.HubUnreachable(e.source, e.reason, flag) from None
     except data_mod.DataError as e:
         if str(source) in str(e):
             raise

@@ -132,3 +132,41 @@ def test_cli_broken_parquet_exits_2_with_one_line(command, tiny_dir, tmp_path, c
     line = _one_line(err)
     assert code == cli.EXIT_USER_ERROR and out == "", err
     assert str(bad) in line and "row 1" in line, line
+
+
+# --- offline hints name the flag the command has ----------------------------------------------
+
+def _flags_of(command: str) -> set[str]:
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return {s for a in sub._actions for s in a.option_strings}
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["eval", "--eval", "wikitext2"], "--eval"),
+    (["prune", "--calib", "CALIB", "--nsamples", "2"], "--eval"),  # --eval wikitext2 is the default
+    (["prune", "--calib", "c4", "--eval", "none", "--nsamples", "2"], "--calib"),
+])
+def test_offline_hub_hint_names_the_flag_that_asked(args, flag, tiny_dir, corpus, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    args = [str(corpus / "calib.jsonl") if a == "CALIB" else a for a in args]
+    code, _, err = _cli([*args, "--model", str(tiny_dir), "--seqlen", "16", "--device", "cpu", "--no-progress"],
+                        capsys)
+    line = _one_line(err)
+    assert code == cli.EXIT_USER_ERROR and "unreachable" in line, line
+    suggested = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", line))
+    assert flag in suggested and suggested <= _flags_of(args[0]), line
+    assert f"e.g. {flag} " in line, line
+
+
+def test_hub_hint_of_the_library_names_no_flag(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="wikitext2: the dataset hub is unreachable") as error:
+        load_texts("wikitext2")
+    assert "--" not in str(error.value)
+
+
+def test_naming_keeps_a_message_that_names_the_file(tmp_path):
+    path = tmp_path / "x.jsonl"
+    with pytest.raises(DataError) as error, evaluate.naming("--eval", str(path)):
+        load_texts(path)
+    assert str(error.value).count(str(path)) == 1
