@@ -152,6 +152,7 @@ def _evaluate(cfg: EvalConfig, name, model=None, tokenizer=None) -> dict:
         source, tokenizer = open_model(name, DTYPES[cfg.dtype], cfg.cache_dir)
     else:
         source = as_source(model.eval())
+    models_mod.check_tokenizer_fits(source.model, tokenizer)
     result = {"model": name or models_mod.DEFAULT_MODEL, "dtype": cfg.dtype,
               "linear_sparsity": linear_sparsity(source)}
     if cfg.eval is not None:

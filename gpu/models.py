@@ -199,6 +199,19 @@ def linear_groups(block):
     return {group: list(names) for group, names in LINEAR_GROUPS.items()}
 
 
+def check_tokenizer_fits(model, tokenizer):
+    """Refuse a tokenizer whose ids can index past the input embedding (an IndexError mid-run
+    otherwise). Fewer tokens than rows is common (vocabularies padded to a multiple of 64)."""
+    if tokenizer is None:
+        return
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        name = getattr(model.config, "name_or_path", "")
+        raise ModelError(f"{name + ': ' if name else ''}the tokenizer has {len(tokenizer)} tokens, more than the "
+                         f"{rows} rows of the model's input embedding (vocab_size): ids >= {rows} cannot be "
+                         f"looked up; use the tokenizer saved with the model")
+
+
 def max_sequence_length(model):
     """The model's context length (config ``max_position_embeddings``), or None if not given."""
     return getattr(model.config, "max_position_embeddings", None)

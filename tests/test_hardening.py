@@ -170,3 +170,39 @@ def test_naming_keeps_a_message_that_names_the_file(tmp_path):
     with pytest.raises(DataError) as error, evaluate.naming("--eval", str(path)):
         load_texts(path)
     assert str(error.value).count(str(path)) == 1
+
+
+# --- tokenizer larger than the embedding ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_vocab_dir(tmp_path_factory):
+    """The tiny tokenizer has 259 tokens; this model's embedding has 200 rows."""
+    return _save(tmp_path_factory.mktemp("small-vocab") / "model", vocab_size=200)
+
+
+def test_check_tokenizer_fits():
+    model, tok = models.tiny_model("llama")
+    models.check_tokenizer_fits(model, tok)
+    models.check_tokenizer_fits(model, None)
+    small, _ = models.tiny_model("llama", vocab_size=200)
+    with pytest.raises(models.ModelError, match=r"259 tokens.*200 rows"):
+        models.check_tokenizer_fits(small, tok)
+
+
+def test_prune_refuses_a_tokenizer_larger_than_the_embedding(small_vocab_dir, corpus, tmp_path):
+    cfg = pipeline.PruneConfig(model=str(small_vocab_dir), calib=str(corpus / "calib.jsonl"), eval=None,
+                               nsamples=2, seqlen=16, device="cpu", progress=False, out=str(tmp_path / "out"))
+    with pytest.raises(models.ModelError, match=r"259 tokens.*200 rows"):
+        pipeline.run_prune(cfg)
+    assert list(tmp_path.iterdir()) == []
+    model, tok = models.tiny_model("llama", vocab_size=200)  # in memory: the same check
+    with pytest.raises(models.ModelError, match=r"259 tokens.*200 rows"):
+        pipeline.run_prune(dataclasses.replace(cfg, model=None, out=None), model=model, tokenizer=tok)
+
+
+def test_cli_eval_refuses_a_tokenizer_larger_than_the_embedding(small_vocab_dir, corpus, capsys):
+    code, out, err = _cli(["eval", "--model", str(small_vocab_dir), "--eval", str(corpus / "eval.txt"),
+                           "--seqlen", "16", "--device", "cpu", "--no-progress"], capsys)
+    line = _one_line(err)
+    assert code == cli.EXIT_USER_ERROR and out == "", err
+    assert "259" in line and "200" in line, line
