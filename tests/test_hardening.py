@@ -206,3 +206,28 @@ def test_cli_eval_refuses_a_tokenizer_larger_than_the_embedding(small_vocab_dir,
     line = _one_line(err)
     assert code == cli.EXIT_USER_ERROR and out == "", err
     assert "259" in line and "200" in line, line
+
+
+# --- a config with fewer layers than the weights ----------------------------------------------
+
+def test_unused_block_keys():
+    keys = ["model.embed_tokens.weight", "model.layers.0.a", "model.layers.1.a", "model.layers.1.b",
+            "model.layers.10.a", "model.layers.2.a", "lm_head.weight"]
+    assert models.unused_block_keys(keys, 2) == ["model.layers.10.a", "model.layers.2.a"]
+    assert models.unused_block_keys(keys, 11) == []
+
+
+def test_streamed_model_warns_about_blocks_the_config_leaves_out(tmp_path, caplog):
+    from admm_prune.gpu.checkpoint import StreamedModel
+
+    path = _save(tmp_path / "model", num_hidden_layers=3)
+    StreamedModel(path, torch.float32)
+    assert "unused" not in caplog.text
+    config = json.loads((path / "config.json").read_text())
+    config["num_hidden_layers"] = 2
+    (path / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING):
+        source = StreamedModel(path, torch.float32)
+    assert source.num_blocks == 2
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("9 tensors" in m and "1 block" in m and "num_hidden_layers=2" in m for m in warning), warning
