@@ -54,11 +54,17 @@ def _shown(value) -> str:
 
 
 def _optional_float(text: str):
-    return None if text.lower() == "none" else float(text)
+    try:
+        return None if text.lower() == "none" else float(text)
+    except ValueError:  # argparse would name this function: "invalid _optional_float value"
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.5, or 'none'; got {text!r}") from None
 
 
 def _optional_int(text: str):
-    return None if text.lower() in ("none", "all") else int(text)
+    try:
+        return None if text.lower() in ("none", "all") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, or 'none' (all); got {text!r}") from None
 
 
 def _optional_str(text: str):

@@ -231,3 +231,25 @@ def test_streamed_model_warns_about_blocks_the_config_leaves_out(tmp_path, caplo
     assert source.num_blocks == 2
     warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("9 tensors" in m and "1 block" in m and "num_hidden_layers=2" in m for m in warning), warning
+
+
+# --- flags ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, flag", [
+    (["prune", "--sparsity", "50%"], "--sparsity"),
+    (["prune", "--damp", "a lot"], "--damp"),
+    (["prune", "--eval-windows", "x"], "--eval-windows"),
+    (["eval", "--limit", "1.5"], "--limit"),
+])
+def test_bad_optional_number_names_the_flag_not_a_function(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(argv)
+    line = _one_line(capsys.readouterr().err)
+    assert exit_info.value.code == cli.EXIT_USER_ERROR
+    assert flag in line and "_optional" not in line and repr(argv[-1]) in line, line
+
+
+def test_sparsity_message_says_what_is_expected(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["prune", "--sparsity", "50%"])
+    assert "such as 0.5" in capsys.readouterr().err
