@@ -253,3 +253,68 @@ def test_sparsity_message_says_what_is_expected(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["prune", "--sparsity", "50%"])
     assert "such as 0.5" in capsys.readouterr().err
+
+
+# --- SIGTERM is an interrupt ------------------------------------------------------------------
+
+def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, corpus):
+    """A real process: SIGTERM once a block is staged; exit 130, the interrupt line, staging kept."""
+    ck = _save(tmp_path / "ck", num_hidden_layers=40)
+    out = tmp_path / "out"
+    staging = tmp_path / ".out.staging"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "admm_prune.gpu", "prune", "--model", str(ck), "--calib", str(corpus / "calib.jsonl"),
+         "--eval", "none", "--nsamples", "4", "--seqlen", "32", "--iters", "6", "--mask-steps", "4",
+         "--device", "cpu", "--no-progress", "--out", str(out)],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(staging.glob("block-*.safetensors")):
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no block staged in time"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == cli.EXIT_INTERRUPTED, stderr[-2000:]
+    assert stdout == ""
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("admm-prune: interrupted; ") and str(staging) in last and "--resume" in last, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert list(staging.glob("block-*.safetensors")) and not out.exists()
+
+
+@pytest.fixture
+def sigterm_fails_the_test():
+    """Without cli.main's own handler a SIGTERM sent here would end pytest itself."""
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached the handler installed before cli.main")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    yield unhandled
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_handler_is_restored_after_main(monkeypatch, capsys, sigterm_fails_the_test):
+    seen = []
+    monkeypatch.setattr(cli, "_run", lambda command, options: seen.append(signal.getsignal(signal.SIGTERM)) or {})
+    assert cli.main(["eval", "--eval", "none", "--tasks", "rte", "--task-data", "x"]) == 0
+    assert seen[0] is not sigterm_fails_the_test, "a handler of its own while the command runs"
+    assert signal.getsignal(signal.SIGTERM) is sigterm_fails_the_test
+
+
+def test_sigterm_during_a_command_is_a_keyboard_interrupt(monkeypatch, capsys, sigterm_fails_the_test):
+    def run(command, options):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        return {"ok": True}
+
+    monkeypatch.setattr(cli, "_run", run)
+    start = time.monotonic()
+    code = cli.main(["eval", "--eval", "none", "--tasks", "rte", "--task-data", "x"])
+    assert code == cli.EXIT_INTERRUPTED and time.monotonic() - start < 4
+    assert capsys.readouterr().err == "admm-prune: interrupted\n"
