@@ -41,7 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import PipelineError
-from .models import ModelError, decoder_layers
+from .models import ModelError, decoder_layers, unused_block_keys
 from .report import missing_parents, usual_mode, write_atomic
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,7 @@ class StreamedModel:
         except (OSError, ValueError) as e:
             raise ModelError(f"could not build a causal LM from {path}: {e}") from None
         decoder_layers(model)
+        unused_block_keys(self.checkpoint.weight_map, len(model.model.layers), where=path)
         rest = [k for k in self.checkpoint.weight_map if not is_block_key(k)]
         model.load_state_dict(self.checkpoint.read(rest, dtype), strict=False, assign=True)
         if getattr(model.config, "tie_word_embeddings", False):

@@ -5,17 +5,21 @@
     admm-prune bench --settings 0.5,2:4 --out runs/bench ...
 
 User errors (bad flags, missing files, unknown models, NaN in a block, existing --out)
-end with one line on stderr and exit status 2, nothing written.
+end with one line on stderr and exit status 2, nothing written. Ctrl-C and SIGTERM end with one
+line saying what was kept (finished blocks staged for --resume) and exit status 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import re
+import signal
 import sys
+import threading
 
 from admm_prune.reference.errors import AdmmPruneError
 
@@ -23,7 +27,7 @@ from . import methods
 from .config import EvalConfig, PipelineError, PruneConfig
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C; SIGTERM too
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -182,6 +186,29 @@ def _run(command: str, options: dict):
     return pipeline.run_eval(EvalConfig(**options))
 
 
+@contextlib.contextmanager
+def sigterm_as_sigint():
+    """SIGTERM (kill, a batch scheduler's preemption, torchrun stopping its ranks) handled as Ctrl-C
+    for the duration: the run stops the same way, says what it kept, exits 130. Outside the main
+    thread, where no handler can be set, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _as_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _as_sigint(signum, frame):
+    """Whatever SIGINT does now: KeyboardInterrupt, or the checkpoint's "held until the swap is done"."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):  # SIGINT ignored (nohup, a background job) or default: still stop
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -203,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             if not dist.main:  # rank 0 speaks for the run
                 options["progress"] = False
                 logging.getLogger().setLevel(logging.WARNING)
-        with logging_redirect_tqdm():  # log lines above the live progress bars, not glued onto them
+        with logging_redirect_tqdm(), sigterm_as_sigint():  # log lines above the live progress bars
             result = _run(command, options)
     except AdmmPruneError as e:  # every user error: one line, the fields it names said as flags
         subparser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]

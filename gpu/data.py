@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import zlib
 from pathlib import Path
 
 import torch
@@ -37,6 +38,23 @@ _TOKENIZE_BATCH = 64
 
 class DataError(AdmmPruneError):
     """Bad data input (missing or empty file, no text field, too little text); a user error."""
+
+
+class HubUnreachable(DataError):
+    """A hub dataset asked for while the hub cannot be reached. With `flag` (the option that named
+    the source, which only the caller knows) the hint says how to pass a local copy instead."""
+
+    LOCAL_COPY = {"c4": "c4-train.00000-of-01024.json.gz", "wikitext2": "wiki.test.raw"}
+
+    def __init__(self, source, reason, flag=None):
+        self.source, self.reason, self.flag = source, reason, flag
+        said = f"{flag} {source}" if flag else source
+        example = f"{flag} " if flag else ""
+        super().__init__(f"{said}: the dataset hub is unreachable ({reason}); pass a local file instead "
+                         f"(e.g. {example}/path/to/{self.LOCAL_COPY.get(source, 'data.jsonl')})")
+
+    def __reduce__(self):
+        return type(self), (self.source, self.reason, self.flag)
 
 
 def hub_unreachable_reason(offline_vars=("HF_HUB_OFFLINE",), timeout=3.0):
@@ -117,6 +135,8 @@ def _not_utf8(path, error):
             f.read().decode("utf-8")
         except UnicodeDecodeError as exact:  # the streamed error's offset is within a chunk
             error = exact
+        except (OSError, EOFError, zlib.error) as damaged:  # bad bytes from a damaged gzip stream
+            return DataError(f"{path}: not a readable gzip file ({type(damaged).__name__}: {damaged})")
     where = ", uncompressed" if path.name.endswith(".gz") else ""
     line = error.object[:error.start].count(b"\n") + 1
     return DataError(f"{path}: not UTF-8 text: byte {error.start} (line {line}{where}) is "
@@ -133,34 +153,66 @@ def _read_rows(path):
 
 
 def _read_json(path):
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            content = f.read()
-    except UnicodeDecodeError as error:
-        raise _not_utf8(path, error) from None
-    try:
-        if content.lstrip().startswith("["):
-            records = json.loads(content)
-        else:
-            records = [json.loads(line) for line in content.splitlines() if line.strip()]
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not JSON lines or a JSON list ({error})") from None
+    """Texts of a JSON-lines file (one object with a ``text`` field, or one string, per line) or of
+    one JSON list; errors name the line of the file (records of a list: their index)."""
+    content = _read_text(path)
+    if content.lstrip().startswith("["):
+        try:
+            records = json.loads(content)  # the error's line and column are the file's
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: not JSON lines or a JSON list ({error})") from None
+        return [_text_field(path, f"record {i}", record) for i, record in enumerate(records)]
     texts = []
-    for i, record in enumerate(records):
-        text = record.get("text") if isinstance(record, dict) else record
-        if not isinstance(text, str):
-            raise DataError(f"{path}: record {i} has no string 'text' field")
-        texts.append(text)
+    for number, line in enumerate(content.split("\n"), start=1):  # not splitlines(): U+2028 is legal in JSON
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: line {number}: not JSON ({error.msg}: column {error.colno})") from None
+        texts.append(_text_field(path, f"line {number}", record))
     return texts
 
 
+def _read_text(path):
+    """The whole file as text, gunzipped for ``.gz``; DataError for bad UTF-8 or a damaged gzip."""
+    gz = path.name.endswith(".gz")
+    try:
+        with (gzip.open if gz else open)(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from None
+    except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError
+        if not gz:
+            raise
+        raise DataError(f"{path}: not a readable gzip file ({type(error).__name__}: {error})") from None
+
+
+def _text_field(path, where, record):
+    text = record.get("text") if isinstance(record, dict) else record
+    if not isinstance(text, str):
+        raise DataError(f"{path}: {where} has no string 'text' field")
+    return text
+
+
 def _read_parquet(path):
+    """The ``text`` column; DataError naming the file for a damaged file, and the row for a null
+    or non-string value."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if "text" not in pq.read_schema(path).names:
-        raise DataError(f"{path}: no 'text' column")
-    return pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    try:
+        if "text" not in pq.read_schema(path).names:
+            raise DataError(f"{path}: no 'text' column")
+        texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    except (pa.ArrowException, OSError) as error:  # ArrowIOError is both
+        message = " ".join(str(error).split())
+        raise DataError(f"{path}: not a readable parquet file ({type(error).__name__}: {message})") from None
+    for row, text in enumerate(texts):
+        if not isinstance(text, str):
+            what = "null" if text is None else f"of type {type(text).__name__}"
+            raise DataError(f"{path}: row {row} (counting from 0) of column 'text' is {what}, not a string")
+    return texts
 
 
 def _load_hub(source, split):
@@ -179,10 +231,7 @@ def _load_hub(source, split):
             return list(data["text"])
         except ConnectionError as error:
             reason = str(error)
-    raise DataError(
-        f"cannot load {source!r}: the dataset hub is unreachable ({reason}); "
-        f"pass a local file instead (e.g. --calib /path/to/c4.jsonl)"
-    )
+    raise HubUnreachable(source, reason)
 
 
 def perplexity_text(texts):

@@ -72,9 +72,12 @@ def perplexity(model, windows: torch.Tensor, device=None, offload_activations: b
 
 @contextlib.contextmanager
 def naming(flag: str, source: str):
-    """Prefix a data error with the flag and source it concerns."""
+    """Prefix a data error with the flag and source it concerns (unless it names the file already);
+    an unreachable hub's hint names `flag` too."""
     try:
         yield
+    except data_mod.HubUnreachable as e:
+        raise data_mod.HubUnreachable(e.source, e.reason, flag) from None
     except data_mod.DataError as e:
         if str(source) in str(e):
             raise
@@ -149,6 +152,7 @@ def _evaluate(cfg: EvalConfig, name, model=None, tokenizer=None) -> dict:
         source, tokenizer = open_model(name, DTYPES[cfg.dtype], cfg.cache_dir)
     else:
         source = as_source(model.eval())
+    models_mod.check_tokenizer_fits(source.model, tokenizer)
     result = {"model": name or models_mod.DEFAULT_MODEL, "dtype": cfg.dtype,
               "linear_sparsity": linear_sparsity(source)}
     if cfg.eval is not None:

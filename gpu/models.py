@@ -11,6 +11,7 @@ from admm_prune.reference.errors import AdmmPruneError
 import importlib.metadata
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -199,6 +200,34 @@ def linear_groups(block):
             if not isinstance(module, nn.Linear):
                 raise ModelError(f"{name} is a {type(module).__name__}, not an nn.Linear")
     return {group: list(names) for group, names in LINEAR_GROUPS.items()}
+
+
+def check_tokenizer_fits(model, tokenizer):
+    """Refuse a tokenizer whose ids can index past the input embedding (an IndexError mid-run
+    otherwise). Fewer tokens than rows is common (vocabularies padded to a multiple of 64)."""
+    if tokenizer is None:
+        return
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        name = getattr(model.config, "name_or_path", "")
+        raise ModelError(f"{name + ': ' if name else ''}the tokenizer has {len(tokenizer)} tokens, more than the "
+                         f"{rows} rows of the model's input embedding (vocab_size): ids >= {rows} cannot be "
+                         f"looked up; use the tokenizer saved with the model")
+
+
+def unused_block_keys(keys, num_layers, where=None):
+    """The checkpoint keys of decoder blocks ``model.layers.K.*`` with K >= `num_layers` (a config
+    that says fewer layers than the weights hold); logs a warning naming them, about `where`."""
+    unused = sorted(k for k in keys if (m := _BLOCK_KEY.match(k)) and int(m[1]) >= num_layers)
+    if unused:
+        blocks = len({_BLOCK_KEY.match(k)[1] for k in unused})
+        logger.warning("%s: %d tensors of %d block%s (model.layers.%d and up) are not used: the config says "
+                       "num_hidden_layers=%d", where or "checkpoint", len(unused), blocks, "s" * (blocks != 1),
+                       num_layers, num_layers)
+    return unused
+
+
+_BLOCK_KEY = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def max_sequence_length(model):

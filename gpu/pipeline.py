@@ -331,6 +331,7 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
         source, tokenizer = open_model(cfg.model, DTYPES[cfg.dtype], cfg.cache_dir)
     else:
         source = InMemoryModel(model.eval())
+    models_mod.check_tokenizer_fits(source.model, tokenizer)
     source.check_finite()  # every stored weight, before any work
     check_model(source.model, cfg)
     report = PruneReport(config=asdict(cfg), versions=versions(), model=_model_identity(source, cfg, device))
