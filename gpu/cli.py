@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-errors", action=argparse.BooleanOptionalAction, default=None,
                    help="measure each linear's reconstruction error or not; unset: where the method "
                         "collects the full Gram anyway (not wanda, not magnitude)")
+    p.add_argument("--targets", type=_task_list, default=(), metavar="REGEX,...",
+                   help="prune only the linears of each decoder layer whose name in the layer "
+                        "(self_attn.q_proj, mlp.down_proj, ...) a regular expression finds (re.search), "
+                        "comma-separated (default: every linear)")
+    p.add_argument("--ignore", type=_task_list, default=(), metavar="REGEX,...",
+                   help="leave dense the linears whose name one of these regular expressions finds, "
+                        "comma-separated (e.g. o_proj,down_proj)")
 
     summary = "perplexity and zero-shot task accuracy (lm-eval) of a saved or hub model"
     e = sub.add_parser("eval", help=summary, description=summary, formatter_class=_HelpFormatter)

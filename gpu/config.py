@@ -7,6 +7,7 @@ names to flags (``eval_seqlen`` -> ``--eval-seqlen``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,18 @@ def _positive_int(name: str, value, minimum: int = 1, optional: bool = False):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise PipelineError(f"{name} must be {what}, got {value!r}")
+
+
+def _patterns(name: str, value) -> tuple[str, ...]:
+    """`value` (a tuple or list of regular expressions) as a tuple, each one compiled once here."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+        raise PipelineError(f"{name} must be a tuple of regular expressions, got {value!r}")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise PipelineError(f"{name}: {pattern!r} is not a regular expression ({e})") from None
+    return tuple(value)
 
 
 def _check_dtype(dtype: str):
@@ -60,6 +73,10 @@ class PruneConfig:
     owl_m: float = 5.0  # OWL's outlier threshold M
     owl_lambda: float = 0.08  # OWL's lambda: block targets within sparsity +- lambda
     layer_errors: bool | None = None  # None: measured where the Gram is needed anyway (not wanda, magnitude)
+    # which nn.Linear of each decoder layer is pruned: re.search on its name in the layer
+    # ("self_attn.q_proj"); no targets: every linear (`models.prunable_linears`)
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
     calib: str = "c4"
     nsamples: int = 128
     seqlen: int = 2048
@@ -106,6 +123,8 @@ class PruneConfig:
                 or not 0 <= self.mask_steps <= self.iters):
             raise PipelineError(f"mask_steps must be an integer in [0, iters={self.iters}], got {self.mask_steps!r}")
         _check_dtype(self.dtype)
+        for name in ("targets", "ignore"):
+            object.__setattr__(self, name, _patterns(name, getattr(self, name)))
         _positive_int("polish_iters", self.polish_iters, minimum=0)
         if self.polish_iters and self.method == "magnitude":
             raise PipelineError("polish_iters needs a method that sees inputs; magnitude reads only the weights")
@@ -146,7 +165,7 @@ class PruneConfig:
         """The fields that decide the pruned weights: a resumed run must match them all."""
         keep = ("method", "sparsity", "pattern", "group", "rho", "damp", "iters", "mask_steps",
                 "calib", "nsamples", "seqlen", "seed", "dtype", "true_sequential", "num_blocks",
-                "allow_tf32", "polish_iters", "sparsity_profile")
+                "allow_tf32", "polish_iters", "sparsity_profile", "targets", "ignore")
         owl = ("owl_m", "owl_lambda") if self.sparsity_profile == "owl" else ()
         return {k: getattr(self, k) for k in keep + owl}
 
