@@ -166,9 +166,18 @@ def _solve_cost(block, names: list[str], cfg: PruneConfig) -> float:
 
 
 def check_model(model, cfg: PruneConfig):
-    """What can be known from the config and the skeleton: window lengths, a target linear in
-    every block, N:M divisibility."""
+    """What can be known from the config and the skeleton: window lengths (within the context,
+    and within the sliding window where layers mix sliding and full attention), a target
+    linear in every block, N:M divisibility."""
     check_seqlen_fits(model, seqlen=cfg.seqlen, eval_seqlen=cfg.eval_seqlen)
+    window = models_mod.mixed_sliding_window(model)
+    lengths = {"seqlen": cfg.seqlen if needs_calibration(cfg) else None,
+               "eval_seqlen": (cfg.eval_seqlen or cfg.seqlen) if cfg.eval is not None else None}
+    for name, value in lengths.items():
+        if window is not None and value is not None and value > window:
+            raise PipelineError(f"{name} {value} exceeds the sliding window of {window} tokens: the layers of "
+                                f"{type(model).__name__} mix sliding and full attention, and block-by-block "
+                                f"forwards give every block the mask of block 0")
     for i, block in enumerate(model.model.layers):
         names = models_mod.prunable_linears(block, cfg.targets, cfg.ignore)
         if not names:

@@ -169,3 +169,16 @@ def test_mixtral_is_refused_in_one_line_naming_its_experts(corpus, tmp_path, cap
     assert err.startswith("admm-prune: error: MixtralForCausalLM: model.model.layers[0]: mlp.experts (MixtralExperts) "
                           "stores gate_up_proj as a 3-D parameter [4, 256, 64] (mixture-of-experts experts)"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_windows_beyond_a_mixed_sliding_window_are_refused(corpus):
+    """Gemma-2 alternates sliding and full attention; block-by-block forwards reuse block 0's
+    mask, which is right for every block only while the windows fit in the sliding window."""
+    model, tok = models.tiny_model("gemma2", sliding_window=16)
+    cfg = dict(calib=str(corpus / "calib.jsonl"), nsamples=2, iters=2, mask_steps=1, device="cpu", progress=False)
+    with pytest.raises(pipeline.PipelineError, match="^seqlen 32 exceeds the sliding window of 16 tokens"):
+        pipeline.run_prune(pipeline.PruneConfig(seqlen=32, eval=None, **cfg), model=model, tokenizer=tok)
+    with pytest.raises(pipeline.PipelineError, match="^eval_seqlen 32 exceeds the sliding window of 16 tokens"):
+        pipeline.run_prune(pipeline.PruneConfig(seqlen=16, eval_seqlen=32, eval=str(corpus / "eval.txt"), **cfg),
+                           model=model, tokenizer=tok)
+    assert models.mixed_sliding_window(models.tiny_model("mistral", sliding_window=16)[0]) is None  # one mask
