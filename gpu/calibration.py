@@ -1,4 +1,5 @@
-"""Calibration plumbing: the first block's inputs, a block run over every sample, Gram hooks.
+"""Calibration plumbing: the first block's inputs, a block run over every sample, which linears
+share an input, Gram hooks.
 
 The first block's inputs are captured with a ``forward_pre_hook(with_kwargs=True)`` that
 keeps every keyword argument (``position_embeddings``, masks, ...) and stops the forward
@@ -12,6 +13,8 @@ import contextlib
 
 import torch
 from tqdm.auto import tqdm
+
+from .models import ModelError
 
 
 class _StopForward(Exception):
@@ -134,6 +137,48 @@ def calibrate_block(block, hiddens: torch.Tensor, kwargs: dict, device):
     for i in range(hiddens.shape[0]):
         with contextlib.suppress(_StopForward):
             block(hiddens[i:i + 1].to(device), **kwargs)
+
+
+@torch.no_grad()
+def shared_input_groups(block, names: list[str], hidden: torch.Tensor, kwargs: dict, device) -> list[list[str]]:
+    """The linears `names` of `block` grouped by the input they read, from one forward of the
+    block on `hidden` (one sample): linears handed the very same tensor in every call (q/k/v
+    the normed hidden states, gate/up the MLP's input) share one Gram, found by what runs, not
+    by a table of names. Groups come in the order of their first use in the forward, names in
+    a group in the order of `names`.
+
+    "The same tensor" is the same storage, offset, shape, stride and dtype: a view re-made
+    with the same layout counts. Every input is kept alive until the end of the forward, so
+    no freed address is reused within it. A linear never called (an unused module) raises a
+    ModelError naming it: it would get no Gram.
+    """
+    calls: list[tuple[str, tuple]] = []
+    alive: list[torch.Tensor] = []
+
+    def hook(name):
+        def record(module, args):
+            x = args[0]
+            alive.append(x)
+            calls.append((name, (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape),
+                                 x.stride(), x.dtype)))
+        return record
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        block(hidden.to(device), **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    inputs = {n: tuple(key for m, key in calls if m == n) for n in names}  # each linear's calls, in order
+    unused = [n for n in names if not inputs[n]]
+    if unused:
+        raise ModelError(f"{', '.join(unused)} of {type(block).__name__} received no input in a forward; "
+                         f"it cannot be calibrated")
+    first = {n: next(i for i, (m, _) in enumerate(calls) if m == n) for n in names}
+    groups: dict[tuple, list[str]] = {}
+    for n in names:
+        groups.setdefault(inputs[n], []).append(n)
+    return sorted(groups.values(), key=lambda g: min(first[n] for n in g))
 
 
 class GramCollector:

@@ -10,6 +10,7 @@ user value lives here (the engine below trusts them), and errors name the config
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,18 @@ def positive_int(name: str, value, minimum: int = 1, optional: bool = False):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise PipelineError(f"{name} must be {what}, got {value!r}", field=name)
+
+
+def patterns(name: str, value) -> tuple[str, ...]:
+    """`value` (a tuple or list of regular expressions) as a tuple, each one compiled once here."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+        raise PipelineError(f"{name} must be a tuple of regular expressions, got {value!r}", field=name)
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise PipelineError(f"{name}: {pattern!r} is not a regular expression ({e})", field=name) from None
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,12 @@ class PruneConfig(SolverOptions, CalibOptions, ModelOptions):
     ``max_position_embeddings`` (131072 on Llama-3.x).
     """
 
+    targets: tuple[str, ...] = option((), "prune only the linears of each decoder layer whose name in the layer "
+                                          "(self_attn.q_proj, mlp.down_proj, ...) a regular expression finds "
+                                          "(re.search), comma-separated (default: every linear)",
+                                      metavar="REGEX,...")
+    ignore: tuple[str, ...] = option((), "leave dense the linears whose name one of these regular expressions "
+                                         "finds, comma-separated (e.g. o_proj,down_proj)", metavar="REGEX,...")
     eval: str | None = option("wikitext2", "perplexity data (wikitext2, a local file, or 'none')")
     eval_split: str = option("test", "split of a hub evaluation dataset")
     eval_seqlen: int | None = option(None, "perplexity window length in tokens (default: --seqlen)")
@@ -105,6 +124,8 @@ class PruneConfig(SolverOptions, CalibOptions, ModelOptions):
         positive_int("eval_windows", self.eval_windows, optional=True)
         positive_int("num_blocks", self.num_blocks, optional=True)
         positive_int("max_shard_size", self.max_shard_size)
+        for name in ("targets", "ignore"):
+            object.__setattr__(self, name, patterns(name, getattr(self, name)))
         if self.layer_errors and self.spec.needs == "weights":
             raise PipelineError(f"layer_errors needs calibration inputs; {self.method} reads only the weights",
                                 field="layer_errors")
@@ -133,7 +154,8 @@ class PruneConfig(SolverOptions, CalibOptions, ModelOptions):
     def fingerprint(self) -> dict:
         """The fields that decide the pruned weights: a resumed run must match them all."""
         keep = [f.name for f in dataclasses.fields(SolverOptions) if not f.name.startswith("owl_")]
-        keep += ["calib", "nsamples", "seqlen", "seed", "dtype", "true_sequential", "num_blocks", "allow_tf32"]
+        keep += ["calib", "nsamples", "seqlen", "seed", "dtype", "true_sequential", "num_blocks", "allow_tf32",
+                 "targets", "ignore"]
         owl = ["owl_m", "owl_lambda"] if self.sparsity_profile == "owl" else []
         return {k: getattr(self, k) for k in keep + owl}
 

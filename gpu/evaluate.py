@@ -100,17 +100,18 @@ def check_seqlen_fits(model, **seqlens):
 
 
 @torch.no_grad()
-def linear_sparsity(model) -> float:
-    """Fraction of exact zeros over the decoder blocks' prunable linears (model or block source)."""
+def linear_sparsity(model, targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> float:
+    """Fraction of exact zeros over the decoder blocks' prunable linears (model or block
+    source), chosen by `targets`/`ignore` as `models.prunable_linears` chooses them (default:
+    every nn.Linear of the blocks)."""
     source = as_source(model)
     zeros = total = 0
     for i in range(source.num_blocks):
         with source.block(i) as block:
-            for names in models_mod.linear_groups(block).values():
-                for n in names:
-                    w = block.get_submodule(n).weight
-                    zeros += int((w == 0).sum())
-                    total += w.numel()
+            for n in models_mod.prunable_linears(block, targets, ignore):
+                w = block.get_submodule(n).weight
+                zeros += int((w == 0).sum())
+                total += w.numel()
     return zeros / max(total, 1)
 
 

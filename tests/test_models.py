@@ -9,27 +9,28 @@ from torch import nn
 
 from admm_prune.gpu import models
 from admm_prune.gpu.models import (
-    LINEAR_GROUPS,
     ModelError,
     decoder_layers,
-    linear_groups,
     load_model,
     max_sequence_length,
+    prunable_linears,
     resolve_model,
     tiny_model,
 )
 
+LLAMA_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2"])
 def test_tiny_models_pass_the_architecture_check(arch):
     model, tokenizer = tiny_model(arch)
     layers = decoder_layers(model)
     assert len(layers) >= 2 and model.config.num_key_value_heads < model.config.num_attention_heads
     for block in layers:
-        groups = linear_groups(block)
-        assert groups == {g: list(names) for g, names in LINEAR_GROUPS.items()}
-        q, k, up, down = (block.get_submodule(groups[g][i]) for g, i in
-                          (("attn_in", 0), ("attn_in", 1), ("mlp_in", 1), ("mlp_out", 0)))
+        assert prunable_linears(block) == LLAMA_LINEARS  # module order
+        q, k, up, down = (block.get_submodule(f"{n}_proj") for n in
+                          ("self_attn.q", "self_attn.k", "mlp.up", "mlp.down"))
         assert k.out_features < q.out_features  # GQA
         assert down.in_features == up.out_features == model.config.intermediate_size
         assert (q.bias is not None) == (arch == "qwen2")
@@ -76,14 +77,34 @@ def test_model_without_decoder_layers_is_rejected(tmp_path):
         load_model(str(tmp_path))
 
 
-def test_block_missing_a_linear_is_named():
+def test_targets_and_ignore_choose_linears_by_regex():
+    block = tiny_model("llama")[0].model.layers[0]
+    assert prunable_linears(block, targets=("self_attn",)) == LLAMA_LINEARS[:4]
+    assert prunable_linears(block, ignore=("o_proj", "^mlp.down")) == LLAMA_LINEARS[:3] + LLAMA_LINEARS[4:6]
+    assert prunable_linears(block, targets=("q_proj", "mlp"), ignore=("up",)) == [
+        "self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"]
+    assert prunable_linears(block, targets=("^q_proj",)) == []  # names are relative to the block
+    phi3 = tiny_model("phi3")[0].model.layers[0]
+    assert prunable_linears(phi3) == ["self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"]
+
+
+def test_block_without_linears_is_named():
     model, _ = tiny_model("llama")
-    model.model.layers[1].mlp.gate_proj = nn.Identity()
-    with pytest.raises(ModelError, match=r"layers\[1\]: mlp.gate_proj is a Identity, not an nn.Linear"):
+    model.model.layers[1].mlp.gate_proj = nn.Identity()  # found by type: one linear fewer, no error
+    assert "mlp.gate_proj" not in prunable_linears(decoder_layers(model)[1])
+    model.model.layers[1] = nn.Sequential(nn.LayerNorm(64))
+    with pytest.raises(ModelError, match=r"^LlamaForCausalLM: model.model.layers\[1\]: Sequential holds no "
+                                         r"nn.Linear to prune$"):
         decoder_layers(model)
-    del model.model.layers[1].self_attn.k_proj
-    with pytest.raises(ModelError, match="self_attn.k_proj not found in LlamaDecoderLayer"):
-        linear_groups(model.model.layers[1])
+
+
+def test_mixture_of_experts_is_refused_naming_the_module():
+    """transformers 5 stores Mixtral's experts as 3-D parameters beside a router that is no
+    nn.Linear: pruning only the attention linears would leave most weights dense, silently."""
+    model, _ = tiny_model("mixtral")
+    with pytest.raises(ModelError, match=r"^MixtralForCausalLM: model.model.layers\[0\]: mlp.experts \(MixtralExperts\) "
+                                         r"stores gate_up_proj as a 3-D parameter \[4, 256, 64\]"):
+        decoder_layers(model)
 
 
 def test_directory_without_config_is_rejected(tmp_path):

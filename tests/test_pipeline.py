@@ -22,7 +22,8 @@ import admm_prune.reference as R  # noqa: E402
 from admm_prune.gpu import cli, data, models, pipeline  # noqa: E402
 
 SHARED = Path(os.environ.get("ADMM_PRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-LINEARS = [n for names in models.LINEAR_GROUPS.values() for n in names]
+LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +143,16 @@ def test_grams_are_shared_and_capture_all_tokens(corpus):
 def test_stopped_calibration_forward_gives_the_full_forwards_grams(arch):
     """`calibrate_block` with stop=True ends each forward at the last leader's input: the
     Grams and token counts equal those of full forwards, and down_proj itself never runs."""
-    from admm_prune.gpu.calibration import GramCollector, calibrate_block, capture_block_inputs, run_block
+    from admm_prune.gpu.calibration import (
+        GramCollector, calibrate_block, capture_block_inputs, run_block, shared_input_groups,
+    )
 
     model, _ = models.tiny_model(arch)
     ids = torch.randint(0, model.config.vocab_size, (3, 16))
     inps, kwargs = capture_block_inputs(model, ids, torch.device("cpu"), torch.device("cpu"), progress=False)
     block = model.model.layers[0]
-    leaders = [g[0] for g in models.linear_groups(block).values()]
+    leaders = [g[0] for g in shared_input_groups(block, LINEARS, inps[:1], kwargs, "cpu")]
+    assert leaders == ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
     with GramCollector(block, leaders, torch.device("cpu")) as full:
         run_block(block, inps, kwargs, "cpu")
     calls = []

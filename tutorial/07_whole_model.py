@@ -86,9 +86,11 @@ print(config("admm-grad"))
 #
 # 1. the first block's inputs are captured once, with a forward pre-hook that keeps every
 #    argument the block needs (position embeddings, masks) and stops the forward pass;
-# 2. per block, forward hooks on the linears accumulate $X^\top X$ in float32 over every
-#    calibration token: 4 Gram matrices for 7 linears, because q/k/v read one input and
-#    gate/up another;
+# 2. per block, the linears (every `nn.Linear` of the block, or those `--targets`/`--ignore`
+#    choose) are grouped by the input they read, found from one sample's forward: linears
+#    handed the very same tensor share a Gram. Then forward hooks accumulate $X^\top X$
+#    (float32 products, a float64 sum) over every calibration token: 4 Gram matrices for
+#    7 linears, because q/k/v read one input and gate/up another;
 # 3. each group is pruned with `prune_shared` (one factorization per Gram), and the weights
 #    are written back into the model;
 # 4. the *pruned* block is run again on its inputs to make the next block's inputs, so
@@ -241,7 +243,7 @@ print("report.json keys:", ", ".join(rep))
 from transformers import AutoModelForCausalLM
 
 reloaded = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True, dtype=torch.float32)
-linear_names = [n for names in models.LINEAR_GROUPS.values() for n in names]
+linear_names = models.prunable_linears(reloaded.model.layers[0])  # every nn.Linear of a block
 for b, block in enumerate(reloaded.model.layers):
     for n in linear_names:
         Wr = block.get_submodule(n).weight
