@@ -29,11 +29,10 @@ from admm_prune.reference import METHODS, parse_pattern
 
 from . import data as data_mod
 from . import models as models_mod
-from .report import PHASES, phase_totals, write_atomic
-from .pipeline import (
-    DTYPES, PipelineError, PruneConfig, linear_sparsity, load_eval_windows, mean_layer_error,
-    perplexity, prune_model, resolve_device, versions,
-)
+from .config import DTYPES, PipelineError, PruneConfig, resolve_device
+from .evaluate import linear_sparsity, load_eval_windows, perplexity
+from .pipeline import prune_model
+from .report import PHASES, mean_layer_error, phase_totals, versions, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -226,23 +226,23 @@ def flag_names(message: str, parser: argparse.ArgumentParser) -> str:
 
 
 def _user_errors() -> tuple[type, ...]:
-    from . import data, models, pipeline, zeroshot
+    from . import config, data, models, zeroshot
 
-    return (pipeline.PipelineError, data.DataError, models.ModelError, zeroshot.ZeroShotError)
+    return (config.PipelineError, data.DataError, models.ModelError, zeroshot.ZeroShotError)
 
 
 def _run(command: str, options: dict):
     """The library call behind `command`; returns what main prints (a JSON-able dict or text)."""
-    from . import pipeline
+    from . import config, evaluate, pipeline
 
     if command == "prune":
-        return pipeline.run_prune(pipeline.PruneConfig(**options)).summary()
+        return pipeline.run_prune(config.PruneConfig(**options)).summary()
     if command == "bench":
         from . import bench
 
         options.pop("offload_activations")
         return bench.run_bench(bench.BenchConfig(**options))["markdown"]
-    return pipeline.run_eval(pipeline.EvalConfig(**options))
+    return evaluate.run_eval(config.EvalConfig(**options))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         with logging_redirect_tqdm():  # log lines above the live progress bars, not glued onto them
             result = _run(command, options)
     except _user_errors() as e:
-        from .pipeline import PipelineError  # configuration errors name fields; say flags
+        from .config import PipelineError  # configuration errors name fields; say flags
 
         subparser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
         message = flag_names(str(e), subparser) if isinstance(e, PipelineError) else str(e)

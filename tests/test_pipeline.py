@@ -18,6 +18,8 @@ transformers = pytest.importorskip("transformers")
 import admm_prune.gpu as G  # noqa: E402
 import admm_prune.reference as R  # noqa: E402
 from admm_prune.gpu import cli, data, models, pipeline  # noqa: E402
+from admm_prune.gpu.config import EvalConfig, PipelineError, PruneConfig  # noqa: E402
+from admm_prune.gpu.evaluate import load_eval_windows, perplexity  # noqa: E402
 
 SHARED = Path(os.environ.get("ADMM_PRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 LINEARS = [n for names in models.LINEAR_GROUPS.values() for n in names]
@@ -33,7 +35,7 @@ def _cfg(corpus, **kw):
     base = dict(calib=str(corpus / "calib.jsonl"), eval=str(corpus / "eval.txt"), nsamples=4,
                 seqlen=32, iters=6, mask_steps=4, device="cpu", progress=False)
     base.update(kw)
-    return pipeline.PruneConfig(**base)
+    return PruneConfig(**base)
 
 
 def _state(model):
@@ -162,9 +164,9 @@ def test_stopped_calibration_forward_gives_the_full_forwards_grams(arch):
 def test_blockwise_perplexity_equals_whole_model(corpus):
     """Block-by-block evaluation == the plain forward (also: no KV cache leaks between windows)."""
     model, tok = models.tiny_model("mistral")
-    windows = pipeline.load_eval_windows(str(corpus / "eval.txt"), "test", tok, 32, 6)
+    windows = load_eval_windows(str(corpus / "eval.txt"), "test", tok, 32, 6)
     assert windows.shape == (6, 32)
-    blockwise = pipeline.perplexity(model, windows, "cpu", progress=False)
+    blockwise = perplexity(model, windows, "cpu", progress=False)
     whole = data.perplexity(model, windows, progress=False)
     assert blockwise == pytest.approx(whole, rel=1e-5)
 
@@ -201,7 +203,7 @@ def test_save_reload_and_report(corpus, tmp_path):
         assert torch.equal(reloaded.state_dict()[k], v), k
     assert report.perplexity["pruned"] == pytest.approx(rep["perplexity"]["pruned"])
     # an existing --out is refused, then replaced with --overwrite
-    with pytest.raises(pipeline.PipelineError, match="already exists"):
+    with pytest.raises(PipelineError, match="already exists"):
         pipeline.run_prune(_cfg(corpus, out=str(out), eval=None), model=model, tokenizer=tok)
     pipeline.run_prune(_cfg(corpus, out=str(out), eval=None, overwrite=True), model=model, tokenizer=tok)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
@@ -372,11 +374,11 @@ def test_eval_out_prefix_keeps_its_dots(tiny_dir, corpus, tmp_path, capsys):
 
 
 def test_one_window_rule_and_mask_steps_only_where_used(corpus):
-    for make in (lambda: _cfg(corpus, seqlen=1), lambda: pipeline.EvalConfig(seqlen=1)):
-        with pytest.raises(pipeline.PipelineError, match="seqlen must be an integer >= 2"):
+    for make in (lambda: _cfg(corpus, seqlen=1), lambda: EvalConfig(seqlen=1)):
+        with pytest.raises(PipelineError, match="seqlen must be an integer >= 2"):
             make()
     _cfg(corpus, method="wanda", iters=5, mask_steps=15)  # wanda has no mask steps to check
-    with pytest.raises(pipeline.PipelineError, match="mask_steps"):
+    with pytest.raises(PipelineError, match="mask_steps"):
         _cfg(corpus, method="admm-grad", iters=5, mask_steps=15)
 
 
@@ -408,7 +410,7 @@ def test_smollm2_two_blocks(tmp_path):
         pytest.skip(str(e))
     if not (SHARED / "c4").is_dir():
         pytest.skip(f"shared data not found at {SHARED}")
-    cfg = pipeline.PruneConfig(
+    cfg = PruneConfig(
         model=None, method="admm-grad", calib=str(SHARED / "c4" / "c4_train_first1000_reserialized.jsonl"),
         eval=str(SHARED / "wikitext-2-raw" / "wiki.valid.raw"), nsamples=4, seqlen=128,
         eval_windows=2, num_blocks=2, device="cpu", progress=False, out=str(tmp_path / "smol"))
@@ -465,7 +467,7 @@ def test_bench_runs_every_method_on_shared_windows(corpus, tmp_path):
     assert (tmp_path / "b.md").read_text() == res["markdown"]
     assert "Pruning time by phase" in res["markdown"] and all(r["phase_seconds"]["solve"] > 0 for r in res["runs"])
     assert json.loads((tmp_path / "b.json").read_text())["dense_perplexity"] == pytest.approx(res["dense_perplexity"])
-    with pytest.raises(pipeline.PipelineError, match="settings"):
+    with pytest.raises(PipelineError, match="settings"):
         bench.BenchConfig(settings=("1.2",))
 
 
@@ -506,7 +508,7 @@ def _calib(tok, corpus):
     (dict(polish_iters=3, method="magnitude"), "polish_iters"),
 ])
 def test_bad_profile_or_finish_is_refused_in_the_config(corpus, bad, match):
-    with pytest.raises(pipeline.PipelineError, match=match):
+    with pytest.raises(PipelineError, match=match):
         _cfg(corpus, **bad)
 
 
@@ -536,7 +538,7 @@ def test_bench_variants_beside_the_paper_method(corpus, tmp_path):
     assert (tmp_path / "run-0.6.json").is_file() and (tmp_path / "run-0.6.md").is_file(), "extensions appended"
     assert bench.parse_variant("admm+owl+polish5") == ("admm", {"sparsity_profile": "owl", "polish_iters": 5})
     for bad in ("admm-grad+foo", "obs", "admm+iters0"):
-        with pytest.raises(pipeline.PipelineError, match="--methods"):
+        with pytest.raises(PipelineError, match="--methods"):
             bench.BenchConfig(methods=(bad,))
 
 
@@ -554,7 +556,7 @@ def test_wanda_from_column_norms_equals_wanda_from_the_gram(corpus):
     phases = reports[1].summary()["phase_seconds"]
     assert {"load", "forward", "gram", "solve", "errors"} <= set(phases) and "errors" not in reports[0].summary()["phase_seconds"]
     assert all(v >= 0 for v in phases.values())
-    with pytest.raises(pipeline.PipelineError, match="layer_errors"):
+    with pytest.raises(PipelineError, match="layer_errors"):
         _cfg(corpus, method="magnitude", layer_errors=True)
 
 
