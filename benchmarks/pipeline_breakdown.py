@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 from admm_prune.gpu import data, models, pipeline
+from admm_prune.gpu.config import DTYPES, PruneConfig
+from admm_prune.gpu.report import versions, write_atomic
 
 
 def main(argv=None) -> int:
@@ -32,13 +34,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--methods", default="wanda,sparsegpt,admm,admm-grad")
-    p.add_argument("--dtype", default="float32", choices=sorted(pipeline.DTYPES))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="path prefix: writes OUT.json and OUT.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
-    model, tok, _ = models.load_model(args.model, dtype=pipeline.DTYPES[args.dtype])
+    model, tok, _ = models.load_model(args.model, dtype=DTYPES[args.dtype])
     model.eval()
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
     calib, info = data.sample_calibration(data.load_texts(args.calib, split="train"), tok,
@@ -46,9 +48,9 @@ def main(argv=None) -> int:
     rows = []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         model.load_state_dict(dense)
-        cfg = pipeline.PruneConfig(method=method, sparsity=args.sparsity, nsamples=args.nsamples,
-                                   seqlen=args.seqlen, dtype=args.dtype, device=args.device, eval=None,
-                                   progress=False)
+        cfg = PruneConfig(method=method, sparsity=args.sparsity, nsamples=args.nsamples,
+                          seqlen=args.seqlen, dtype=args.dtype, device=args.device, eval=None,
+                          progress=False)
         start = time.perf_counter()
         records, _ = pipeline.prune_model(model, calib, cfg)
         total = time.perf_counter() - start
@@ -64,9 +66,9 @@ def main(argv=None) -> int:
     markdown = "\n".join(lines) + "\n"
     print(markdown)
     if args.out:
-        result = {"args": vars(args), "calibration": info, "versions": pipeline.versions(), "rows": rows}
-        pipeline.write_atomic(Path(args.out + ".json"), json.dumps(result, indent=2, default=str))
-        pipeline.write_atomic(Path(args.out + ".md"), markdown)
+        result = {"args": vars(args), "calibration": info, "versions": versions(), "rows": rows}
+        write_atomic(Path(args.out + ".json"), json.dumps(result, indent=2, default=str))
+        write_atomic(Path(args.out + ".md"), markdown)
     return 0
 
 

@@ -22,6 +22,8 @@ import torch
 import transformers
 
 from admm_prune.gpu import pipeline
+from admm_prune.gpu.config import DTYPES, PruneConfig, resolve_device
+from admm_prune.gpu.report import mean_layer_error
 
 SHAPES = {
     # name: (hidden, intermediate, heads, kv heads)
@@ -50,23 +52,23 @@ def main(argv=None) -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float16", choices=sorted(pipeline.DTYPES))
+    p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
     p.add_argument("--offload-activations", action="store_true")
     p.add_argument("--out", default=None, help="path prefix for .json and .md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    device = pipeline.resolve_device(args.device)
+    device = resolve_device(args.device)
     rows = []
     for shape in args.shapes.split(","):
-        model = random_llama(shape, args.blocks, pipeline.DTYPES[args.dtype])
+        model = random_llama(shape, args.blocks, DTYPES[args.dtype])
         dense = {k: v.clone() for k, v in model.state_dict().items()}
         gen = torch.Generator().manual_seed(0)
         calib = torch.randint(0, 32000, (args.nsamples, args.seqlen), generator=gen)
         for method in args.methods.split(","):
             model.load_state_dict(dense)
-            cfg = pipeline.PruneConfig(method=method, nsamples=args.nsamples, seqlen=args.seqlen,
-                                       device=str(device), dtype=args.dtype, eval=None, progress=False,
-                                       offload_activations=args.offload_activations)
+            cfg = PruneConfig(method=method, nsamples=args.nsamples, seqlen=args.seqlen,
+                              device=str(device), dtype=args.dtype, eval=None, progress=False,
+                              offload_activations=args.offload_activations)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -78,7 +80,7 @@ def main(argv=None) -> None:
                    "seqlen": args.seqlen, "dtype": args.dtype, "device": str(device),
                    "seconds_total": total, "seconds_per_block": block_seconds,
                    "peak_device_gib": peak, "offload_activations": args.offload_activations,
-                   "mean_layer_error": pipeline.mean_layer_error(r.error_pruned for r in records),
+                   "mean_layer_error": mean_layer_error(r.error_pruned for r in records),
                    "sparsity": sum(r.sparsity for r in records) / len(records)}
             rows.append(row)
             print(json.dumps(row), flush=True)

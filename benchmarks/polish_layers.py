@@ -50,12 +50,13 @@ def synthetic_layers(seed: int = 0):
 def smollm2_layers(calib: str, nsamples: int, seqlen: int, blocks: int):
     """(name, W_dense, XtX) of every linear of the first `blocks` blocks (float32)."""
     from admm_prune.gpu import data, models, pipeline
+    from admm_prune.gpu.config import PruneConfig
 
     model, tok, _ = models.load_model(None, dtype=torch.float32)
     model.eval()
     ids, _ = data.sample_calibration(data.load_texts(calib, split="train"), tok, nsamples, seqlen, 0)
-    cfg = pipeline.PruneConfig(method="wanda", sparsity=0.5, nsamples=nsamples, seqlen=seqlen,
-                               eval=None, progress=False, num_blocks=blocks, device="cpu")
+    cfg = PruneConfig(method="wanda", sparsity=0.5, nsamples=nsamples, seqlen=seqlen,
+                      eval=None, progress=False, num_blocks=blocks, device="cpu")
     out = []
     pipeline.prune_model(model, ids, cfg,
                          lambda i, name, W, XtX, res: out.append((f"block {i} {name}", W.detach().float().clone(),

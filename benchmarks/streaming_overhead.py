@@ -38,6 +38,8 @@ import torch
 from safetensors.torch import load_file
 
 from admm_prune.gpu import models, pipeline
+from admm_prune.gpu.config import DTYPES, PruneConfig
+from admm_prune.gpu.report import versions
 
 
 def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -55,13 +57,13 @@ def same_tensors(a: Path, b: Path) -> bool:
 def streaming_components(path: str, dtype, repeats: int) -> dict:
     """Seconds of what only the streamed run does (median of `repeats`): open the checkpoint,
     scan it, read every block from the shards; and of what only the in-memory run does: load."""
-    from admm_prune.gpu import checkpoint
+    from admm_prune.gpu.sources import open_model
 
     times: dict[str, list[float]] = {"open_seconds": [], "scan_seconds": [], "read_blocks_seconds": [],
                                      "load_model_seconds": []}
     for _ in range(repeats):
         t0 = time.perf_counter()
-        source, _tok = checkpoint.open_model(path, dtype)
+        source, _tok = open_model(path, dtype)
         t1 = time.perf_counter()
         source.check_finite()
         t2 = time.perf_counter()
@@ -74,7 +76,7 @@ def streaming_components(path: str, dtype, repeats: int) -> dict:
         t4 = time.perf_counter()
         for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             times[k].append(v)
-    blocks = checkpoint.open_model(path, dtype)[0].num_blocks
+    blocks = open_model(path, dtype)[0].num_blocks
     return {"blocks": blocks, **{k: statistics.median(v) for k, v in times.items()}, "all": times}
 
 
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", default="admm-grad")
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(pipeline.DTYPES))
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--num-blocks", type=int, default=None,
                    help="prune only the first K blocks (both engines still read and write every block)")
     p.add_argument("--pairs", type=int, default=2, help="A B pairs, interleaved")
@@ -103,22 +105,22 @@ def main(argv=None) -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
 
-    def cfg(engine: str, k: int, model=None) -> pipeline.PruneConfig:
+    def cfg(engine: str, k: int, model=None) -> PruneConfig:
         out = work / f"overhead-{engine}-{k}"
         shutil.rmtree(out, ignore_errors=True)
-        return pipeline.PruneConfig(model=model, method=args.method, sparsity=args.sparsity, calib=args.calib,
-                                    nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval=None,
-                                    dtype=args.dtype, device="cpu", out=str(out), progress=False,
-                                    num_blocks=args.num_blocks)
+        return PruneConfig(model=model, method=args.method, sparsity=args.sparsity, calib=args.calib,
+                           nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval=None,
+                           dtype=args.dtype, device="cpu", out=str(out), progress=False,
+                           num_blocks=args.num_blocks)
 
     # Warm-up, untimed: the first streamed open imports accelerate, builds the tokenizer, etc.
     # (one-time costs of the process, several seconds, that would otherwise land on run 1).
-    from admm_prune.gpu import checkpoint
+    from admm_prune.gpu.sources import open_model
 
-    checkpoint.open_model(path, pipeline.DTYPES[args.dtype])
-    models.load_model(path, dtype=pipeline.DTYPES[args.dtype])
+    open_model(path, DTYPES[args.dtype])
+    models.load_model(path, dtype=DTYPES[args.dtype])
 
-    components = streaming_components(path, pipeline.DTYPES[args.dtype], args.repeats)
+    components = streaming_components(path, DTYPES[args.dtype], args.repeats)
     print(json.dumps(components), flush=True)
 
     rows = []
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
                 load_s = 0.0
                 report = pipeline.run_prune(c)
             else:
-                model, tok, _ = models.load_model(path, dtype=pipeline.DTYPES[args.dtype])
+                model, tok, _ = models.load_model(path, dtype=DTYPES[args.dtype])
                 load_s = time.perf_counter() - t0
                 c = cfg(engine, k)
                 report = pipeline.run_prune(c, model=model, tokenizer=tok)
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
     markdown = "\n".join(lines)
     print(markdown)
     if args.out:
-        result = {"args": vars(args), "model_path": path, "versions": pipeline.versions(),
+        result = {"args": vars(args), "model_path": path, "versions": versions(),
                   "engine": str(Path(pipeline.__file__).parent), "rows": rows, "ratio_prune_seconds": ratio_prune,
                   "ratio_end_to_end": ratio_e2e, "components": components, "extra_end_to_end_seconds": extra_e2e,
                   "identical_checkpoints": identical}

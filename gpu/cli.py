@@ -175,7 +175,7 @@ def flag_names(message: str, parser: argparse.ArgumentParser, field: str | None 
 
 def _run(command: str, options: dict):
     """The library call behind `command`; returns what main prints (a JSON-able dict or text)."""
-    from . import pipeline
+    from . import evaluate, pipeline
 
     if command == "prune":
         return pipeline.run_prune(PruneConfig(**options)).summary()
@@ -183,7 +183,7 @@ def _run(command: str, options: dict):
         from . import bench
 
         return bench.run_bench(bench.BenchConfig(**options))["markdown"]
-    return pipeline.run_eval(EvalConfig(**options))
+    return evaluate.run_eval(EvalConfig(**options))
 
 
 @contextlib.contextmanager

@@ -22,17 +22,13 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import models as models_mod
 from .calibration import capture_block_inputs, run_block, visiting
-from .checkpoint import InMemoryModel, open_model
-from .config import DTYPES, EvalConfig, PipelineError, resolve_device
-from .distributed import current, rank_device
+from .config import DTYPES, EvalConfig, PipelineError
+from .context import this_rank_device
+from .distributed import current
 from .report import missing_parents, write_atomic
+from .sources import as_source, open_model
 
 log = logging.getLogger(__name__)
-
-
-def as_source(model_or_source):
-    """A block source: a `StreamedModel`/`InMemoryModel` as is, a model wrapped in `InMemoryModel`."""
-    return model_or_source if hasattr(model_or_source, "block") else InMemoryModel(model_or_source)
 
 
 @torch.no_grad()
@@ -40,10 +36,10 @@ def perplexity(model, windows: torch.Tensor, device=None, offload_activations: b
                progress: bool = True, desc: str = "perplexity") -> float:
     """exp(mean token NLL) over non-overlapping `windows` [n, seqlen], one block at a time.
 
-    `model`: a causal LM in memory or a block source (`checkpoint.StreamedModel`).
+    `model`: a causal LM in memory or a block source (`sources.BlockSource`).
     """
     source, dist = as_source(model), current()
-    device = resolve_device(rank_device(device, dist))
+    device = this_rank_device(device, dist)
     store = torch.device("cpu") if offload_activations else device
     if windows.shape[0] < dist.world:
         raise PipelineError(f"eval_windows: {windows.shape[0]} windows for {dist.world} ranks")

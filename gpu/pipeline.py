@@ -3,10 +3,15 @@
 The plumbing half of the torch backend; each job has its own room:
 
     config.py       what a run is asked to do (`PruneConfig`, `EvalConfig`), validated once
+    context.py      what a run works with (`RunContext`: device, ranks, ...), computed once
     calibration.py  block-0 input capture, a block over every sample, Gram hooks
-    checkpoint.py   blocks streamed from safetensors shards, staged out, resumed, renamed in
+    sources.py      the model one block at a time: in memory, streamed from its shards, staged
+    shards.py       reading a safetensors checkpoint folder (and its NaN scan)
+    staging.py      each finished block on disk at once, the manifest, resume
+    output.py       the output checked before any work, the checkpoint assembled at the end
     evaluate.py     perplexity (streamed block by block), zero-shot, `run_eval`
     report.py       per-linear records, versions, peak memory
+    blocks.py       one block: its linears, their Grams, each group's solve; OWL's block targets
     pipeline.py     this file: the block loop (`prune_model`) and the main job (`run_prune`)
 
 Per block: (1) run the block on every calibration sample with forward pre-hooks that
@@ -33,8 +38,6 @@ activations on the CPU and streams them, for smaller cards.
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -45,24 +48,16 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import models as models_mod
-from .calibration import (
-    GramCollector, NormCollector, calibrate_block, capture_block_inputs, release_memory, run_block,
-    shared_input_groups, visiting,
-)
-from .checkpoint import InMemoryModel, OutputPlan, StagedBlocks, Staging, block_state_dict, open_model, rest_state_dict
-from .config import DTYPES, EvalConfig, PipelineError, PruneConfig, resolve_device
-from .distributed import Dist, current, rank_device
-from .evaluate import (  # noqa: F401  (re-exported: the names scripts and the tutorial use)
-    as_source, check_seqlen_fits, format_eval_markdown, linear_sparsity, load_eval_windows, naming,
-    perplexity, run_eval,
-)
-from .owl import outlier_ratio
-from admm_prune.reference import owl_sparsities
-from .prune import prune_shared, prune_weights
-from .report import (  # noqa: F401
-    NO_TIMER, LinearRecord, PhaseTimer, PruneReport, mean_layer_error, peak_memory, versions, write_atomic,
-)
-from .solve import reconstruction_errors
+from .blocks import block_targets, check_finite, check_model, prune_block
+from .calibration import capture_block_inputs, release_memory, run_block, visiting
+from .config import DTYPES, PipelineError, PruneConfig
+from .context import RunContext, this_rank_device
+from .distributed import current
+from .evaluate import load_eval_windows, naming, perplexity
+from .output import OutputPlan, after_failure, assemble, extras_writer
+from .report import LinearRecord, PhaseTimer, PruneReport, mean_layer_error, peak_memory, versions
+from .sources import BlockSource, InMemoryModel, StagedBlocks, as_source, block_state_dict, open_model, rest_state_dict
+from .staging import Staging, start_staging
 
 log = logging.getLogger(__name__)
 
@@ -71,157 +66,12 @@ class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the message says what is on disk."""
 
 
-def _check_finite(tensor: torch.Tensor, what: str):
-    if not bool(torch.isfinite(tensor).all()):
-        raise PipelineError(f"NaN/Inf in {what}; try dtype float32 or a larger damp")
-
-
-@torch.no_grad()
-def prune_group(block, block_idx: int, names: list[str], XtX: torch.Tensor | None, cfg: PruneConfig,
-                sparsity: float | None, callback: Callable | None = None, timer: PhaseTimer = NO_TIMER,
-                ) -> list[LinearRecord]:
-    """Prune the linears of `names` (one shared input, one Gram; None for magnitude) in place
-    to `sparsity` (the block's target: ``cfg.sparsity``, or OWL's for this block). A method
-    that needs only the column norms (Wanda) gets diag(XtX) as a vector, unless layer errors
-    or a callback asked for the full Gram."""
-    linears = [block.get_submodule(n) for n in names]
-    t0 = time.perf_counter()
-    dense = [lin.weight.detach().clone() for lin in linears]
-    with timer("solve"):
-        if XtX is None:  # a method that reads only the weights: each linear on its own
-            results = [prune_weights(W, sparsity, cfg) for W in dense]
-        else:
-            _check_finite(XtX, f"block {block_idx} inputs of {names[0]} (Gram matrix)")
-            gram = torch.diag(XtX) if XtX.ndim == 1 else XtX
-            results = prune_shared(dense, gram, sparsity, **cfg.engine_solver_kwargs())
-    seconds = (time.perf_counter() - t0) / len(names)
-    records = []
-    for n, lin, W, res in zip(names, linears, dense, results):
-        _check_finite(res.W, f"block {block_idx} {n} pruned weights")
-        lin.weight.copy_(res.W.to(lin.weight.dtype))
-        errors = (None, None)
-        if cfg.measure_errors:
-            with timer("errors"):
-                Wf = W.to(torch.float32)
-                errors = reconstruction_errors(Wf, [Wf * res.mask, res.W.to(torch.float32)], XtX)
-        records.append(LinearRecord(
-            block=block_idx, name=n, shape=tuple(W.shape), sparsity=float((lin.weight == 0).float().mean()),
-            error_mask_only=errors[0], error_pruned=errors[1], seconds=seconds))
-        if callback is not None:
-            callback(block_idx, n, W, XtX, res)
-    return records
-
-
-@torch.no_grad()
-def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, sparsity: float | None, device,
-                callback: Callable | None = None, timer: PhaseTimer = NO_TIMER, dist: Dist = Dist(),
-                ) -> list[LinearRecord]:
-    """Prune one block in place: its target linears (`models.prunable_linears`) grouped by
-    shared input (`shared_input_groups`, one sample's forward), Grams (or Wanda's column
-    norms) from a forward over `inps`, then each group's solve. With several ranks the Grams
-    are summed over the ranks' windows, each group is solved by one rank (`Dist.assign`, by
-    cost) and its weights broadcast."""
-    names = models_mod.prunable_linears(block, cfg.targets, cfg.ignore)
-    needs = cfg.spec.needs
-    if needs == "weights":  # |W| only: every rank computes the same, nothing to share
-        return [r for n in names for r in prune_group(block, i, [n], None, cfg, sparsity, callback, timer)]
-    with timer("forward"):
-        groups = shared_input_groups(block, names, inps[:1], kwargs, device)
-    # Wanda's scores read only diag(XtX); the full Gram only for layer errors or a callback
-    full = needs == "gram" or cfg.measure_errors or callback is not None
-    collect = GramCollector if full else NormCollector
-    records = []
-    for stage in ([[g] for g in groups] if cfg.true_sequential else [groups]):
-        with collect(block, [g[0] for g in stage], device, timer, stop=True) as collector, timer("forward"):
-            calibrate_block(block, inps, kwargs, device)
-        owners = dist.assign([_solve_cost(block, g, cfg) for g in stage])
-        with timer("share"):  # summed in float64 over the ranks, then the solvers' float32
-            grams = [dist.sum_(collector.grams.pop(g[0])).float() for g in stage]  # each float64 sum freed
-        mine = []
-        for g, gram, owner in zip(stage, grams, owners):
-            if owner == dist.rank:
-                mine += prune_group(block, i, g, gram, cfg, sparsity, callback, timer)
-        with timer("share"):
-            for g, owner in zip(stage, owners):
-                for n in g:
-                    dist.broadcast_(block.get_submodule(n).weight.data, owner)
-            order = [n for g in stage for n in g]
-            records += sorted((r for rank in dist.gather_objects(mine) for r in rank), key=lambda r: order.index(r.name))
-    return records
-
-
-def _solve_cost(block, names: list[str], cfg: PruneConfig) -> float:
-    """FLOPs of one group's solve: the d_in^3 factorization, d_out d_in^2 per ADMM step."""
-    shapes = [block.get_submodule(n).weight.shape for n in names]
-    d_in = shapes[0][1]
-    return d_in**3 + sum(d_out * d_in**2 * (cfg.iters + cfg.polish_iters + 2) for d_out, _ in shapes)
-
-
-def check_model(model, cfg: PruneConfig):
-    """What can be known from the config and the skeleton: window lengths (within the context,
-    and within the sliding window where layers mix sliding and full attention), a target
-    linear in every block, N:M divisibility."""
-    check_seqlen_fits(model, seqlen=cfg.seqlen, eval_seqlen=cfg.eval_seqlen)
-    window = models_mod.mixed_sliding_window(model)
-    lengths = {"seqlen": cfg.seqlen if cfg.needs_calibration else None,
-               "eval_seqlen": (cfg.eval_seqlen or cfg.seqlen) if cfg.eval is not None else None}
-    for name, value in lengths.items():
-        if window is not None and value is not None and value > window:
-            raise PipelineError(f"{name} {value} exceeds the sliding window of {window} tokens: the layers of "
-                                f"{type(model).__name__} mix sliding and full attention, and block-by-block "
-                                f"forwards give every block the mask of block 0")
-    for i, block in enumerate(model.model.layers):
-        names = models_mod.prunable_linears(block, cfg.targets, cfg.ignore)
-        if not names:
-            raise PipelineError(f"targets {list(cfg.targets)} and ignore {list(cfg.ignore)} leave no linear of "
-                                f"block {i} ({type(block).__name__}) to prune")
-        for n in names if cfg.nm is not None else ():
-            d_in = block.get_submodule(n).in_features
-            if d_in % cfg.nm[1]:
-                raise PipelineError(f"pattern {cfg.pattern} needs input sizes divisible by {cfg.nm[1]}, "
-                                    f"but block {i} {n} has {d_in} inputs")
-
-
-@torch.no_grad()
-def block_targets(model, calib_ids: torch.Tensor | None, cfg: PruneConfig) -> dict:
-    """Each pruned block's sparsity: ``cfg.sparsity`` (uniform), or OWL's targets from the
-    dense model's outlier ratios (one dense forward over the calibration windows per block).
-
-    Returns {"profile", "targets": [...], and for OWL "ratios": [...], "sizes": [...]}."""
-    source = as_source(model)
-    nblocks = min(cfg.num_blocks or source.num_blocks, source.num_blocks)
-    if cfg.sparsity_profile == "uniform":
-        return {"profile": "uniform", "targets": [cfg.sparsity] * nblocks}
-    dist = current()
-    device = resolve_device(rank_device(cfg.device, dist))
-    store = torch.device("cpu") if cfg.offload_activations else device
-    inps, kwargs = capture_block_inputs(source.model, dist.share(calib_ids), device, store, cfg.progress)
-    outs = torch.empty_like(inps)
-    ratios, sizes = [], []
-    for i in tqdm(range(nblocks), desc="outlier ratios (dense)", disable=not cfg.progress, leave=False):
-        with source.block(i) as block, visiting([block], device):
-            names = models_mod.prunable_linears(block, cfg.targets, cfg.ignore)
-            groups = shared_input_groups(block, names, inps[:1], kwargs, device)
-            with NormCollector(block, [g[0] for g in groups], device) as norms:
-                run_block(block, inps, kwargs, device, outs)
-            Ws = [block.get_submodule(n).weight for g in groups for n in g]
-            group_cols = [dist.sum_(norms.grams[g[0]]).sqrt().float() for g in groups]  # one all_reduce each
-            cols = [c for g, c in zip(groups, group_cols) for _ in g]
-            ratios.append(outlier_ratio(Ws, cols, cfg.owl_m))
-            sizes.append(sum(W.numel() for W in Ws))
-        inps, outs = outs, inps
-    targets = owl_sparsities(ratios, sizes, cfg.sparsity, cfg.owl_lambda, cfg.pattern)
-    log.info("OWL targets (M %g, lambda %g): %s", cfg.owl_m, cfg.owl_lambda,
-             " ".join(f"{t:.3f}" for t in targets))
-    return {"profile": "owl", "m": cfg.owl_m, "lambda": cfg.owl_lambda, "ratios": ratios, "sizes": sizes,
-            "targets": [float(t) for t in targets]}
-
-
 def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callback: Callable | None = None,
                 staging: Staging | None = None, targets: list[float] | None = None,
-                phases: list | None = None) -> tuple[list[LinearRecord], list[float]]:
+                phases: list | None = None, ctx: RunContext | None = None,
+                ) -> tuple[list[LinearRecord], list[float]]:
     """Prune the decoder blocks of `model` (a model in memory, pruned in place, or a block
-    source such as `checkpoint.StreamedModel`), one block at a time.
+    source such as `sources.StreamedModel`), one block at a time.
 
     Blocks already finished in `staging` (a resumed run) are read back and only run forward
     to make the next block's inputs; each newly pruned block is handed to `staging`. Blocks
@@ -229,16 +79,16 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
     `block_targets`, i.e. uniform or OWL as the config says). `phases`, when given, gets each
     pruned block's seconds per phase (`report.PhaseTimer`). Returns one record per pruned linear and
     the seconds each block took. `callback(block_idx, name, W_dense, XtX, result)` is called
-    after each linear (XtX is None for magnitude).
+    after each linear (XtX is None for magnitude). `ctx`: the run's context (default: computed
+    from `cfg` in this process).
     """
-    source, dist = as_source(model), current()
-    device = resolve_device(rank_device(cfg.device, dist))
-    store = torch.device("cpu") if cfg.offload_activations else device
+    source = as_source(model)
+    ctx = ctx or RunContext.of(cfg, source)
+    dist, device, store, nblocks = ctx.dist, ctx.device, ctx.store, ctx.num_blocks
     check_model(source.model, cfg)
-    nblocks = min(cfg.num_blocks or source.num_blocks, source.num_blocks)
     done = dist.broadcast_object(staging.finished if staging is not None else {})  # rank 0 stages
     if targets is None:
-        targets = block_targets(source, calib_ids, cfg)["targets"]
+        targets = block_targets(source, calib_ids, cfg, ctx)["targets"]
     inps = kwargs = outs = None
     if cfg.spec.needs != "weights":
         inps, kwargs = capture_block_inputs(source.model, dist.share(calib_ids), device, store, cfg.progress)
@@ -261,7 +111,7 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
             if inps is not None and i < nblocks - 1:  # the next block's inputs (none after the last)
                 with timer("forward"):
                     run_block(block, inps, kwargs, device, outs)
-                _check_finite(outs, f"block {i} outputs after pruning")
+                check_finite(outs, f"block {i} outputs after pruning")
                 inps, outs = outs, inps
             if staging is not None and i not in done:
                 with timer("write"):
@@ -301,35 +151,6 @@ def achieved_block_sparsity(records: list[LinearRecord]) -> list[float]:
     return [zeros[b] / total[b] for b in sorted(total)]
 
 
-def _calibration(cfg: PruneConfig, tokenizer):
-    if not cfg.needs_calibration:
-        return None, {"mode": "none", "reason": f"{cfg.method} reads only the weights"}
-    with naming("--calib", cfg.calib):
-        texts = data_mod.load_texts(cfg.calib, split="train")
-        return data_mod.sample_calibration(texts, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
-
-
-def _model_identity(source, cfg: PruneConfig, device) -> dict:
-    ident = {**source.identity(), "device": str(device), "dtype": cfg.dtype}
-    if ident.get("name") in (None, models_mod.DEFAULT_MODEL):
-        ident["revision"] = models_mod.embedded_revision()
-    elif "/snapshots/" in ident.get("path", ""):
-        ident["revision"] = ident["path"].split("/snapshots/")[1].split("/")[0]
-    return ident
-
-
-def _extras_writer(source, tokenizer, report: PruneReport):
-    def write(folder):
-        config = copy.deepcopy(source.model.config)
-        config.dtype = source.model.dtype  # what the tensors are, as save_pretrained records it
-        config.save_pretrained(folder)
-        if getattr(source.model, "generation_config", None) is not None:
-            source.model.generation_config.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        (folder / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
-    return write
-
 
 def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable | None = None) -> PruneReport:
     """The main job: load, calibrate, evaluate dense, prune, evaluate pruned, save.
@@ -339,9 +160,42 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
     blocks are staged beside it as they finish (``cfg.resume`` continues an interrupted run)
     and the checkpoint is renamed into place at the end.
     """
-    t_start, dist = time.perf_counter(), current()
+    t_start = time.perf_counter()
     plan = OutputPlan(cfg.out, cfg.overwrite) if cfg.out is not None else None  # checked on every rank
-    device = resolve_device(rank_device(cfg.device, dist))
+    ctx, source, tokenizer = _open_source(cfg, model, tokenizer)
+    report = PruneReport(config=asdict(cfg), versions=versions(), model=_model_identity(source, cfg, ctx.device))
+    report.world_size = ctx.dist.world
+    calib_ids = _calibration(cfg, tokenizer, ctx, report)
+    windows = _eval_windows(cfg, tokenizer, ctx, report)
+    plan = plan if ctx.dist.main else None  # rank 0 alone stages and writes
+    staging = _open_staging(cfg, plan, source, ctx, report)
+    try:
+        if staging is not None:
+            staging.write_rest(rest_state_dict(source.model))
+        if windows is not None:
+            report.perplexity["dense"] = _perplexity(source, windows, cfg, ctx, "dense")
+        _prune(source, calib_ids, cfg, callback, staging, ctx, report)
+        if windows is not None:
+            report.perplexity["pruned"] = _perplexity(_pruned(source, staging, ctx), windows, cfg, ctx, "pruned")
+        report.peak_memory = peak_memory(ctx.device)
+        report.total_seconds = time.perf_counter() - t_start
+        _save(staging, plan, cfg, source, tokenizer, report)
+    except RunInterrupted:
+        raise
+    except BaseException as error:
+        kept = after_failure(staging, plan)
+        if isinstance(error, KeyboardInterrupt):
+            raise RunInterrupted(kept or "nothing was written") from None
+        if kept:
+            log.error("%s", kept)
+        raise
+    return report
+
+
+def _open_source(cfg: PruneConfig, model, tokenizer) -> tuple[RunContext, BlockSource, object]:
+    """The run's context and its model as a block source, checked before any work (the device
+    before the model is read, then every stored weight, window lengths, N:M divisibility)."""
+    device = this_rank_device(cfg.device, current())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if model is None:
@@ -351,102 +205,97 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
     models_mod.check_tokenizer_fits(source.model, tokenizer)
     source.check_finite()  # every stored weight, before any work
     check_model(source.model, cfg)
-    report = PruneReport(config=asdict(cfg), versions=versions(), model=_model_identity(source, cfg, device))
-    report.world_size = dist.world
-    calib_ids, report.calibration = _calibration(cfg, tokenizer)
-    log.info("calibration: %s", report.calibration)
-    if calib_ids is not None and calib_ids.shape[0] < dist.world:
-        raise PipelineError(f"nsamples: {calib_ids.shape[0]} calibration windows for {dist.world} ranks; "
-                            f"every rank needs at least one")
-    windows = None
-    if cfg.eval is not None:
-        with naming("--eval", cfg.eval):
-            windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.eval_seqlen or cfg.seqlen,
-                                        cfg.eval_windows)
-        report.perplexity.update(windows=int(windows.shape[0]), seqlen=int(windows.shape[1]))
-        if windows.shape[0] < dist.world:
-            raise PipelineError(f"eval_windows: {windows.shape[0]} windows for {dist.world} ranks")
+    return RunContext.of(cfg, source, device), source, tokenizer
 
-    plan = plan if dist.main else None  # rank 0 alone stages and writes
-    staging = Staging(plan.out) if plan else (Staging.scratch() if source.streamed and dist.main else None)
+
+def _model_identity(source: BlockSource, cfg: PruneConfig, device) -> dict:
+    ident = {**source.identity(), "device": str(device), "dtype": cfg.dtype}
+    if ident.get("name") in (None, models_mod.DEFAULT_MODEL):
+        ident["revision"] = models_mod.embedded_revision()
+    elif "/snapshots/" in ident.get("path", ""):
+        ident["revision"] = ident["path"].split("/snapshots/")[1].split("/")[0]
+    return ident
+
+
+def _calibration(cfg: PruneConfig, tokenizer, ctx: RunContext, report: PruneReport) -> torch.Tensor | None:
+    """The calibration windows (None: the method reads only the weights), described in the report."""
+    if not cfg.needs_calibration:
+        calib_ids, report.calibration = None, {"mode": "none", "reason": f"{cfg.method} reads only the weights"}
+    else:
+        with naming("--calib", cfg.calib):
+            texts = data_mod.load_texts(cfg.calib, split="train")
+            calib_ids, report.calibration = data_mod.sample_calibration(texts, tokenizer, cfg.nsamples, cfg.seqlen,
+                                                                        cfg.seed)
+    log.info("calibration: %s", report.calibration)
+    if calib_ids is not None and calib_ids.shape[0] < ctx.dist.world:
+        raise PipelineError(f"nsamples: {calib_ids.shape[0]} calibration windows for {ctx.dist.world} ranks; "
+                            f"every rank needs at least one")
+    return calib_ids
+
+
+def _eval_windows(cfg: PruneConfig, tokenizer, ctx: RunContext, report: PruneReport) -> torch.Tensor | None:
+    """The perplexity windows (None: no perplexity), counted in the report."""
+    if cfg.eval is None:
+        return None
+    with naming("--eval", cfg.eval):
+        windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.eval_seqlen or cfg.seqlen,
+                                    cfg.eval_windows)
+    report.perplexity.update(windows=int(windows.shape[0]), seqlen=int(windows.shape[1]))
+    if windows.shape[0] < ctx.dist.world:
+        raise PipelineError(f"eval_windows: {windows.shape[0]} windows for {ctx.dist.world} ranks")
+    return windows
+
+
+def _open_staging(cfg: PruneConfig, plan: OutputPlan | None, source: BlockSource, ctx: RunContext,
+                  report: PruneReport) -> Staging | None:
+    """Rank 0's staging folder: beside `out`, or a scratch one for a streamed model without
+    `out` (the pruned perplexity reads its blocks back), resumed when asked; none else."""
+    staging = Staging(plan.out) if plan else (Staging.scratch() if source.streamed and ctx.dist.main else None)
     if plan:
         plan.make_parents()
     fingerprint = {**cfg.fingerprint(), "calibration_sha256": report.calibration.get("sha256"),
-                   "model": {k: v for k, v in report.model.items() if k != "device"}, "device": device.type,
-                   "world_size": dist.world}
-    report.resumed_blocks = _start_staging(staging, fingerprint, cfg.resume, dist)
-    try:
-        if staging is not None:
-            staging.write_rest(rest_state_dict(source.model))
-        if windows is not None:
-            report.perplexity["dense"] = perplexity(source, windows, *_eval_args(cfg), desc="dense perplexity")
-            log.info("dense perplexity: %.3f", report.perplexity["dense"])
-        t0 = time.perf_counter()
-        report.block_sparsity = block_targets(source, calib_ids, cfg)
-        records, report.block_seconds = prune_model(source, calib_ids, cfg, callback, staging,
-                                                    report.block_sparsity["targets"], report.block_phases)
-        report.prune_seconds = time.perf_counter() - t0
-        report.linears = [asdict(r) for r in records]
-        report.block_sparsity["achieved"] = achieved_block_sparsity(records)
-        if windows is not None:
-            shared = dist.broadcast_object(staging.shared() if staging is not None else None)  # rank 0's
-            pruned = StagedBlocks(source, Staging.view(*shared)) if source.streamed else source
-            report.perplexity["pruned"] = perplexity(pruned, windows, *_eval_args(cfg), desc="pruned perplexity")
-            log.info("pruned perplexity: %.3f", report.perplexity["pruned"])
-        report.peak_memory = peak_memory(device)
-        report.total_seconds = time.perf_counter() - t_start
-        if plan is not None:
-            late_sigint = staging.finish(cfg.overwrite, cfg.max_shard_size,
-                                         _extras_writer(source, tokenizer, report))
-            log.info("saved to %s", plan.out)
-            if late_sigint:
-                raise RunInterrupted(f"after the checkpoint was complete: {plan.out} holds it")
-        elif staging is not None:
-            staging.discard()
-    except RunInterrupted:
-        raise
-    except BaseException as error:
-        kept = _after_failure(staging, plan)
-        if isinstance(error, KeyboardInterrupt):
-            raise RunInterrupted(kept or "nothing was written") from None
-        if kept:
-            log.error("%s", kept)
-        raise
-    return report
+                   "model": {k: v for k, v in report.model.items() if k != "device"}, "device": ctx.device.type,
+                   "world_size": ctx.dist.world}
+    report.resumed_blocks = start_staging(staging, fingerprint, cfg.resume, ctx.dist)
+    return staging
 
 
-def _start_staging(staging: Staging | None, fingerprint: dict, resume: bool, dist: Dist) -> list[int]:
-    """Open rank 0's staging folder (resuming its finished blocks when asked); returns them.
-    A refused resume (another config, another world size) raises on every rank, leaving the
-    folder as it was: rank 0 alone reads it, so its verdict is broadcast."""
-    verdict: list[int] | PipelineError = []
-    if staging is not None:
-        try:
-            verdict = sorted(staging.start(fingerprint, resume))
-        except PipelineError as error:
-            verdict = error
-    verdict = dist.broadcast_object(verdict)
-    if isinstance(verdict, PipelineError):
-        raise verdict
-    return verdict
+def _perplexity(model, windows: torch.Tensor, cfg: PruneConfig, ctx: RunContext, which: str) -> float:
+    value = perplexity(model, windows, ctx.device, cfg.offload_activations, cfg.progress, desc=f"{which} perplexity")
+    log.info("%s perplexity: %.3f", which, value)
+    return value
 
 
-def _after_failure(staging: Staging | None, plan: OutputPlan | None) -> str | None:
-    """Clean up after a failed or interrupted run; say what is kept on disk (None: nothing)."""
-    if staging is not None and plan is not None and staging.finished:
-        return (f"{plan.out} untouched; {len(staging.finished)} finished blocks kept in {staging.path}: "
-                f"rerun the same command with --resume to continue")
-    if staging is not None:
-        staging.discard()
+def _prune(source: BlockSource, calib_ids, cfg: PruneConfig, callback: Callable | None, staging: Staging | None,
+           ctx: RunContext, report: PruneReport):
+    """Each block's target sparsity, then the block loop; both go into the report."""
+    t0 = time.perf_counter()
+    report.block_sparsity = block_targets(source, calib_ids, cfg, ctx)
+    records, report.block_seconds = prune_model(source, calib_ids, cfg, callback, staging,
+                                                report.block_sparsity["targets"], report.block_phases, ctx)
+    report.prune_seconds = time.perf_counter() - t0
+    report.linears = [asdict(r) for r in records]
+    report.block_sparsity["achieved"] = achieved_block_sparsity(records)
+
+
+def _pruned(source: BlockSource, staging: Staging | None, ctx: RunContext) -> BlockSource:
+    """The pruned model as every rank reads it: rank 0's staged blocks (streamed), or `source`
+    itself (pruned in place)."""
+    shared = ctx.dist.broadcast_object(staging.shared() if staging is not None else None)  # rank 0's
+    return StagedBlocks(source, Staging.view(*shared)) if source.streamed else source
+
+
+def _save(staging: Staging | None, plan: OutputPlan | None, cfg: PruneConfig, source: BlockSource, tokenizer,
+          report: PruneReport):
+    """The checkpoint assembled onto `out` (rank 0, with `out`), or the scratch staging removed."""
     if plan is not None:
-        plan.remove_created()
-    return None
+        late_sigint = assemble(staging, cfg.overwrite, cfg.max_shard_size,
+                               extras_writer(source.model, tokenizer, report))
+        log.info("saved to %s", plan.out)
+        if late_sigint:
+            raise RunInterrupted(f"after the checkpoint was complete: {plan.out} holds it")
+    elif staging is not None:
+        staging.discard()
 
 
-def _eval_args(cfg) -> tuple:
-    return cfg.device, cfg.offload_activations, cfg.progress
-
-
-__all__ = ["EvalConfig", "PipelineError", "PruneConfig", "PruneReport", "LinearRecord", "DTYPES",
-           "run_prune", "run_eval", "prune_model", "perplexity", "load_eval_windows", "resolve_device",
-           "linear_sparsity", "mean_layer_error", "versions", "RunInterrupted"]
+__all__ = ["RunInterrupted", "prune_model", "achieved_block_sparsity", "run_prune"]

@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import admm_prune.reference as R  # noqa: E402
-from admm_prune.gpu import cli, models, pipeline  # noqa: E402
+from admm_prune.gpu import cli, evaluate, models, pipeline  # noqa: E402
+from admm_prune.reference.errors import AdmmPruneError  # noqa: E402
 from admm_prune.gpu.calibration import capture_block_inputs, shared_input_groups  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -138,8 +139,8 @@ def test_ignore_and_targets_leave_linears_dense(corpus, tmp_path, capsys):
         report = json.loads((tmp_path / name / "report.json").read_text())
         assert len(report["linears"]) == 2 * (7 - len(kept))
         assert report["config"][name] == flags[1].split(",")
-        assert pipeline.linear_sparsity(reloaded) < 0.5
-        assert pipeline.linear_sparsity(reloaded, ignore=kept) == pytest.approx(0.5)
+        assert evaluate.linear_sparsity(reloaded) < 0.5
+        assert evaluate.linear_sparsity(reloaded, ignore=kept) == pytest.approx(0.5)
 
 
 def test_bad_targets_are_one_line_errors(corpus, tmp_path, capsys):
@@ -150,7 +151,7 @@ def test_bad_targets_are_one_line_errors(corpus, tmp_path, capsys):
         code, err = _cli(_args(corpus, ck, tmp_path / "out", *flags), capsys)
         assert code == 2 and err.count("\n") == 1 and message in err, err
         assert not (tmp_path / "out").exists()
-    with pytest.raises(pipeline.PipelineError, match="targets must be a tuple of regular expressions"):
+    with pytest.raises(AdmmPruneError, match="targets must be a tuple of regular expressions"):
         pipeline.PruneConfig(targets="q_proj")
     assert pipeline.PruneConfig(ignore=["o_proj"]).ignore == ("o_proj",)
 
@@ -176,9 +177,9 @@ def test_windows_beyond_a_mixed_sliding_window_are_refused(corpus):
     mask, which is right for every block only while the windows fit in the sliding window."""
     model, tok = models.tiny_model("gemma2", sliding_window=16)
     cfg = dict(calib=str(corpus / "calib.jsonl"), nsamples=2, iters=2, mask_steps=1, device="cpu", progress=False)
-    with pytest.raises(pipeline.PipelineError, match="^seqlen 32 exceeds the sliding window of 16 tokens"):
+    with pytest.raises(AdmmPruneError, match="^seqlen 32 exceeds the sliding window of 16 tokens"):
         pipeline.run_prune(pipeline.PruneConfig(seqlen=32, eval=None, **cfg), model=model, tokenizer=tok)
-    with pytest.raises(pipeline.PipelineError, match="^eval_seqlen 32 exceeds the sliding window of 16 tokens"):
+    with pytest.raises(AdmmPruneError, match="^eval_seqlen 32 exceeds the sliding window of 16 tokens"):
         pipeline.run_prune(pipeline.PruneConfig(seqlen=16, eval_seqlen=32, eval=str(corpus / "eval.txt"), **cfg),
                            model=model, tokenizer=tok)
     assert models.mixed_sliding_window(models.tiny_model("mistral", sliding_window=16)[0]) is None  # one mask

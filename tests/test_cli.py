@@ -104,9 +104,10 @@ def test_every_flag_sets_a_config_field(command, config):
     """The CLI only parses flags into the frozen config: each flag's dest is one of its fields."""
     import dataclasses
 
-    from admm_prune.gpu import bench, pipeline
+    from admm_prune.gpu import bench
+    from admm_prune.gpu import config as config_mod
 
-    fields = {f.name for f in dataclasses.fields(getattr(bench if command == "bench" else pipeline, config))}
+    fields = {f.name for f in dataclasses.fields(getattr(bench if command == "bench" else config_mod, config))}
     dests = {a.dest for a in _subparsers()[command]._actions if a.dest not in ("help", "verbose")}
     if command == "bench":
         dests.discard("offload_activations")  # shared flag; bench keeps activations where they are

@@ -15,16 +15,18 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from admm_prune.gpu import distributed, models, pipeline  # noqa: E402
+from admm_prune.gpu.config import PruneConfig  # noqa: E402
 
 SCRIPT = textwrap.dedent("""
     import json, sys
     from admm_prune.gpu import distributed, pipeline
+    from admm_prune.gpu.config import PruneConfig
     ck, calib, evalf, out, method, profile = sys.argv[1:7]
     dist = distributed.init_from_env("cpu") if distributed.launched_by_torchrun() else distributed.current()
     try:
-        cfg = pipeline.PruneConfig(model=ck, calib=calib, eval=evalf, eval_windows=4, nsamples=6, seqlen=32,
-                                   iters=6, mask_steps=4, method=method, device="cpu", progress=False,
-                                   out=out, layer_errors=True, sparsity_profile=profile)
+        cfg = PruneConfig(model=ck, calib=calib, eval=evalf, eval_windows=4, nsamples=6, seqlen=32,
+                          iters=6, mask_steps=4, method=method, device="cpu", progress=False,
+                          out=out, layer_errors=True, sparsity_profile=profile)
         report = pipeline.run_prune(cfg)
         print("REPORT", json.dumps({"rank": dist.rank, "world": report.world_size,
                                     "errors": [r["error_pruned"] for r in report.linears],
@@ -119,7 +121,7 @@ def test_resume_with_another_world_size_fails_on_every_rank(setup, tmp_path):
                nsamples=6, seqlen=32, iters=6, mask_steps=4, method="wanda", device="cpu", progress=False,
                out=str(out), layer_errors=True)  # the script's config, at world size 1
     with pytest.raises(pipeline.RunInterrupted, match="--resume"):
-        pipeline.run_prune(pipeline.PruneConfig(**cfg), callback=stop)
+        pipeline.run_prune(PruneConfig(**cfg), callback=stop)
     script = tmp_path / "resume.py"
     script.write_text(SCRIPT.replace("layer_errors=True,", "layer_errors=True, resume=True,"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

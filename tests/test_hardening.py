@@ -218,7 +218,7 @@ def test_unused_block_keys():
 
 
 def test_streamed_model_warns_about_blocks_the_config_leaves_out(tmp_path, caplog):
-    from admm_prune.gpu.checkpoint import StreamedModel
+    from admm_prune.gpu.sources import StreamedModel
 
     path = _save(tmp_path / "model", num_hidden_layers=3)
     StreamedModel(path, torch.float32)

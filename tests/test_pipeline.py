@@ -19,7 +19,9 @@ transformers = pytest.importorskip("transformers")
 
 import admm_prune.gpu as G  # noqa: E402
 import admm_prune.reference as R  # noqa: E402
-from admm_prune.gpu import cli, data, models, pipeline  # noqa: E402
+from admm_prune.gpu import blocks, cli, data, models, pipeline  # noqa: E402
+from admm_prune.gpu.config import EvalConfig, PipelineError, PruneConfig  # noqa: E402
+from admm_prune.gpu.evaluate import load_eval_windows, perplexity  # noqa: E402
 
 SHARED = Path(os.environ.get("ADMM_PRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -36,7 +38,7 @@ def _cfg(corpus, **kw):
     base = dict(calib=str(corpus / "calib.jsonl"), eval=str(corpus / "eval.txt"), nsamples=4,
                 seqlen=32, iters=6, mask_steps=4, device="cpu", progress=False)
     base.update(kw)
-    return pipeline.PruneConfig(**base)
+    return PruneConfig(**base)
 
 
 def _state(model):
@@ -168,9 +170,9 @@ def test_stopped_calibration_forward_gives_the_full_forwards_grams(arch):
 def test_blockwise_perplexity_equals_whole_model(corpus):
     """Block-by-block evaluation == the plain forward (also: no KV cache leaks between windows)."""
     model, tok = models.tiny_model("mistral")
-    windows = pipeline.load_eval_windows(str(corpus / "eval.txt"), "test", tok, 32, 6)
+    windows = load_eval_windows(str(corpus / "eval.txt"), "test", tok, 32, 6)
     assert windows.shape == (6, 32)
-    blockwise = pipeline.perplexity(model, windows, "cpu", progress=False)
+    blockwise = perplexity(model, windows, "cpu", progress=False)
     whole = data.perplexity(model, windows, progress=False)
     assert blockwise == pytest.approx(whole, rel=1e-5)
 
@@ -378,7 +380,7 @@ def test_eval_out_prefix_keeps_its_dots(tiny_dir, corpus, tmp_path, capsys):
 
 
 def test_one_window_rule_and_mask_steps_only_where_used(corpus):
-    for make in (lambda: _cfg(corpus, seqlen=1), lambda: pipeline.EvalConfig(seqlen=1)):
+    for make in (lambda: _cfg(corpus, seqlen=1), lambda: EvalConfig(seqlen=1)):
         with pytest.raises(AdmmPruneError, match="seqlen must be an integer >= 2"):
             make()
     _cfg(corpus, method="wanda", iters=5, mask_steps=15)  # wanda has no mask steps to check
@@ -414,7 +416,7 @@ def test_smollm2_two_blocks(tmp_path):
         pytest.skip(str(e))
     if not (SHARED / "c4").is_dir():
         pytest.skip(f"shared data not found at {SHARED}")
-    cfg = pipeline.PruneConfig(
+    cfg = PruneConfig(
         model=None, method="admm-grad", calib=str(SHARED / "c4" / "c4_train_first1000_reserialized.jsonl"),
         eval=str(SHARED / "wikitext-2-raw" / "wiki.valid.raw"), nsamples=4, seqlen=128,
         eval_windows=2, num_blocks=2, device="cpu", progress=False, out=str(tmp_path / "smol"))
@@ -495,7 +497,7 @@ def test_owl_targets_average_to_the_sparsity_and_are_reported(corpus, tmp_path):
     for r in report.linears:
         assert r["sparsity"] == pytest.approx(targets[r["block"]], abs=1.0 / r["shape"][1])
     # the ratios are the dense model's: the same with any method
-    wanda = pipeline.block_targets(models.tiny_model("mistral")[0], _calib(tok, corpus), cfg)
+    wanda = blocks.block_targets(models.tiny_model("mistral")[0], _calib(tok, corpus), cfg)
     assert wanda["ratios"] == pytest.approx(prof["ratios"], rel=1e-6)
 
 

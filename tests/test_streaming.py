@@ -18,7 +18,12 @@ from synth import write_corpus
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from admm_prune.gpu import checkpoint, models, pipeline  # noqa: E402
+from admm_prune.gpu import models, pipeline  # noqa: E402
+from admm_prune.gpu.config import DTYPES, EvalConfig, PipelineError, PruneConfig  # noqa: E402
+from admm_prune.gpu.evaluate import load_eval_windows, perplexity, run_eval  # noqa: E402
+from admm_prune.gpu.output import merge_safetensors  # noqa: E402
+from admm_prune.gpu.shards import INDEX  # noqa: E402
+from admm_prune.gpu.sources import open_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +45,7 @@ def _save(tmp, arch="llama", **overrides):
 def _cfg(corpus, **kw):
     base = dict(calib=str(corpus / "calib.jsonl"), eval=None, nsamples=4, seqlen=32, iters=6,
                 mask_steps=4, device="cpu", progress=False)
-    return pipeline.PruneConfig(**{**base, **kw})
+    return PruneConfig(**{**base, **kw})
 
 
 def _tensors(path):
@@ -59,7 +64,7 @@ def test_streamed_equals_in_memory_save_pretrained(corpus, tmp_path, arch, tied,
     ck = _save(tmp_path, arch, tie_word_embeddings=tied)
     cfg = dict(method="admm-grad", dtype=dtype, eval=str(corpus / "eval.txt"), eval_windows=2)
     streamed = pipeline.run_prune(_cfg(corpus, model=str(ck), out=str(tmp_path / "s"), max_shard_size=150_000, **cfg))
-    model, tok, _ = models.load_model(str(ck), dtype=pipeline.DTYPES[dtype])
+    model, tok, _ = models.load_model(str(ck), dtype=DTYPES[dtype])
     in_memory = pipeline.run_prune(_cfg(corpus, **cfg), model=model, tokenizer=tok)
     model.save_pretrained(tmp_path / "today")  # what the in-memory engine wrote before streaming
     _assert_same(_tensors(tmp_path / "s"), _tensors(tmp_path / "today"))
@@ -68,7 +73,7 @@ def test_streamed_equals_in_memory_save_pretrained(corpus, tmp_path, arch, tied,
     shards = sorted(p.name for p in (tmp_path / "s").glob("*.safetensors"))
     assert len(shards) > 1 and all(p.stat().st_size <= 150_000 or p.name.endswith("00001-of-" + shards[0][-17:-12])
                                    for p in (tmp_path / "s").glob("*.safetensors"))
-    index = json.loads((tmp_path / "s" / checkpoint.INDEX).read_text())
+    index = json.loads((tmp_path / "s" / INDEX).read_text())
     assert set(index["weight_map"]) == set(_tensors(tmp_path / "s")) - ({"lm_head.weight"} if tied else set())
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")
     if tied:
@@ -85,7 +90,7 @@ def test_merged_shard_is_byte_exact(tmp_path):
     b = {"z": torch.arange(5, dtype=torch.int64), "w": torch.randn(7, dtype=torch.float16)}
     save_file(a, tmp_path / "a.safetensors")
     save_file(b, tmp_path / "b.safetensors")
-    checkpoint.merge_safetensors([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "m.safetensors")
+    merge_safetensors([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "m.safetensors")
     merged = load_file(tmp_path / "m.safetensors")
     for k, v in {**a, **b}.items():
         assert merged[k].dtype == v.dtype and torch.equal(merged[k], v), k
@@ -150,10 +155,11 @@ def test_resume_detects_a_corrupt_finished_block(corpus, tmp_path, caplog):
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from admm_prune.gpu import checkpoint, pipeline
+    from admm_prune.gpu import pipeline, staging
+    from admm_prune.gpu.config import PruneConfig
     ck, calib, out, where = sys.argv[1:5]
-    cfg = pipeline.PruneConfig(model=ck, calib=calib, eval=None, nsamples=4, seqlen=32, iters=6, mask_steps=4,
-                               device="cpu", progress=False, out=out, resume=True)
+    cfg = PruneConfig(model=ck, calib=calib, eval=None, nsamples=4, seqlen=32, iters=6, mask_steps=4,
+                      device="cpu", progress=False, out=out, resume=True)
     if where.startswith("block"):   # SIGKILL in the middle of pruning a block
         k = int(where[5:])
         def cb(block, name, *a):
@@ -162,7 +168,7 @@ KILL_SCRIPT = textwrap.dedent("""
         pipeline.run_prune(cfg, callback=cb)
     else:                           # SIGKILL in the middle of writing block k's file
         k = int(where[5:])
-        real = checkpoint.save_file
+        real = staging.save_file
         def half_written(tensors, path, metadata=None):
             if f"block-{k:05d}" in path:
                 real(tensors, path, metadata=metadata)
@@ -170,7 +176,7 @@ KILL_SCRIPT = textwrap.dedent("""
                     f.truncate(os.path.getsize(path) // 2)
                 os.kill(os.getpid(), signal.SIGKILL)
             real(tensors, path, metadata=metadata)
-        checkpoint.save_file = half_written
+        staging.save_file = half_written
         pipeline.run_prune(cfg)
 """)
 
@@ -243,24 +249,52 @@ def test_corrupt_shard_is_a_one_line_error_before_any_work(tmp_path, corpus):
 def test_eval_streams_the_saved_checkpoint(corpus, tmp_path):
     ck = _save(tmp_path, "mistral")
     model, tok, _ = models.load_model(str(ck))
-    windows = pipeline.load_eval_windows(str(corpus / "eval.txt"), "test", tok, 32, 3)
-    expected = pipeline.perplexity(model, windows, "cpu", progress=False)
-    result = pipeline.run_eval(pipeline.EvalConfig(model=str(ck), eval=str(corpus / "eval.txt"), seqlen=32,
-                                                   eval_windows=3, device="cpu", progress=False))
+    windows = load_eval_windows(str(corpus / "eval.txt"), "test", tok, 32, 3)
+    expected = perplexity(model, windows, "cpu", progress=False)
+    result = run_eval(EvalConfig(model=str(ck), eval=str(corpus / "eval.txt"), seqlen=32,
+                                 eval_windows=3, device="cpu", progress=False))
     assert result["perplexity"] == pytest.approx(expected, rel=1e-6)
-    source, _ = checkpoint.open_model(str(ck), torch.float32)
+    source, _ = open_model(str(ck), torch.float32)
     assert all(p.is_meta for p in source.model.model.layers.parameters()), "blocks stay on disk until visited"
     with source.block(1) as block:
         assert not any(p.is_meta for p in block.parameters())
     assert all(p.is_meta for p in source.model.model.layers[1].parameters()), "released after the visit"
 
 
+
+def test_block_sources_share_one_protocol(tmp_path):
+    """In memory, streamed, staged: each a `BlockSource` that `as_source` passes through; a bare
+    model is none and gets wrapped. The staged view reads its blocks from the staging folder."""
+    from admm_prune.gpu.sources import BlockSource, InMemoryModel, StagedBlocks, as_source, block_state_dict
+    from admm_prune.gpu.staging import Staging
+
+    streamed, _ = open_model(str(_save(tmp_path, "llama")), torch.float32)
+    model, _ = models.tiny_model("llama")
+    staging = Staging(tmp_path / "out")
+    staging.start({}, resume=False)
+    with streamed.block(0) as block:
+        zeros = {k: torch.zeros_like(v) for k, v in block_state_dict(block, 0).items()}
+    staging.write_block(0, zeros, {})
+    staged = StagedBlocks(streamed, staging)
+    for source in (streamed, InMemoryModel(model), staged):
+        assert isinstance(source, BlockSource) and as_source(source) is source
+    assert not isinstance(model, BlockSource) and isinstance(as_source(model), InMemoryModel)
+    with staged.block(0) as block:
+        assert not any(p.any() for p in block.parameters()), "block 0 as staged, not as in the checkpoint"
+    staged.check_finite()
+    staging.write_block(1, {k.replace(".0.", ".1.", 1): torch.full_like(v, float("nan")) for k, v in zeros.items()}, {})
+    with pytest.raises(models.ModelError, match="NaN/Inf in staged block 1"):
+        staged.check_finite()
+    staging.discard()
+
+
 RSS_SCRIPT = textwrap.dedent("""
     import json, sys
     from admm_prune.gpu import pipeline, report
+    from admm_prune.gpu.config import PruneConfig
     ck, calib = sys.argv[1:3]
-    cfg = pipeline.PruneConfig(model=ck, calib=calib, eval=None, method="wanda", nsamples=2, seqlen=16,
-                               device="cpu", progress=False)
+    cfg = PruneConfig(model=ck, calib=calib, eval=None, method="wanda", nsamples=2, seqlen=16,
+                      device="cpu", progress=False)
     pipeline.run_prune(cfg)
     print(json.dumps(report.peak_rss_bytes()))
 """)

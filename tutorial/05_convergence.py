@@ -51,6 +51,7 @@ def smollm2_layer(name="self_attn.q_proj", nsamples=16, seqlen=256):
         print(f"read the cached layer {cache}")
         return z["W"], z["XtX"], f"SmolLM2 block 0 {name} ({nsamples}x{seqlen} C4 tokens)"
     from admm_prune.gpu import pipeline
+    from admm_prune.gpu.config import PruneConfig
 
     captured = {}
 
@@ -59,7 +60,7 @@ def smollm2_layer(name="self_attn.q_proj", nsamples=16, seqlen=256):
             captured["W"] = W_dense.double().cpu().numpy()
             captured["XtX"] = XtX.double().cpu().numpy()
 
-    cfg = pipeline.PruneConfig(
+    cfg = PruneConfig(
         model=None, method="wanda", calib=str(DATA / "c4" / "c4_train_first1000_reserialized.jsonl"),
         nsamples=nsamples, seqlen=seqlen, eval=None, num_blocks=1, device="cpu", progress=False)
     pipeline.run_prune(cfg, callback=callback)

@@ -36,6 +36,8 @@ from common import FAST, OUT, DATA, np, plt, save
 import torch
 import admm_prune.reference as R
 from admm_prune.gpu import data, models, pipeline
+from admm_prune.gpu.config import PruneConfig
+from admm_prune.gpu.evaluate import load_eval_windows, perplexity
 
 
 # %% [markdown]
@@ -71,9 +73,9 @@ else:
 
 def config(method, out=None, evaluate=True):
     # layer_errors=True: Wanda alone needs no full Gram, but this chapter compares its errors
-    return pipeline.PruneConfig(model=None, method=method, sparsity=0.5, calib=calib,
-                                eval=evalset if evaluate else None, out=out, overwrite=True,
-                                device="cpu", progress=False, layer_errors=True, **sizes)
+    return PruneConfig(model=None, method=method, sparsity=0.5, calib=calib,
+                       eval=evalset if evaluate else None, out=out, overwrite=True,
+                       device="cpu", progress=False, layer_errors=True, **sizes)
 
 
 print(config("admm-grad"))
@@ -177,11 +179,11 @@ del dense_model
 # sparsity and calibration.
 
 # %%
-windows = pipeline.load_eval_windows(evalset, "test", tok, sizes["seqlen"], sizes["eval_windows"])
+windows = load_eval_windows(evalset, "test", tok, sizes["seqlen"], sizes["eval_windows"])
 model_w, tok_w = fresh_model()
 report_w = pipeline.run_prune(config("wanda", evaluate=False), model=model_w, tokenizer=tok_w)
 assert tuple(windows.shape) == (report.perplexity["windows"], report.perplexity["seqlen"])
-ppl_wanda = pipeline.perplexity(model_w, windows, "cpu", progress=False)  # the report's windows
+ppl_wanda = perplexity(model_w, windows, "cpu", progress=False)  # the report's windows
 del model_w
 ppl = {"dense": report.perplexity["dense"], "wanda 50 %": ppl_wanda,
        "admm-grad 50 %": report.perplexity["pruned"]}

@@ -185,6 +185,8 @@ import json  # noqa: E402
 from common import DATA, OUT  # noqa: E402
 
 from admm_prune.gpu import models, pipeline  # noqa: E402
+from admm_prune.gpu.config import PruneConfig  # noqa: E402
+from admm_prune.gpu.report import mean_layer_error  # noqa: E402
 
 if FAST:
     workdir = OUT / "08_tiny"
@@ -208,11 +210,11 @@ else:
 variants = {"ADMM-Grad (paper)": {}, "+ OWL": dict(sparsity_profile="owl"), "+ finish K=10": dict(polish_iters=10)}
 reports = {}
 for label, extra in variants.items():
-    cfg = pipeline.PruneConfig(model=model_path, method="admm-grad", sparsity=0.7, calib=calib, eval=evalset,
-                               eval_split="validation", device="cpu", progress=False, **sizes, **extra)
+    cfg = PruneConfig(model=model_path, method="admm-grad", sparsity=0.7, calib=calib, eval=evalset,
+                      eval_split="validation", device="cpu", progress=False, **sizes, **extra)
     reports[label] = pipeline.run_prune(cfg)
     print(f"{label:20s} perplexity {reports[label].perplexity['pruned']:10.2f}   "
-          f"mean layer error {pipeline.mean_layer_error(r['error_pruned'] for r in reports[label].linears):.5f}")
+          f"mean layer error {mean_layer_error(r['error_pruned'] for r in reports[label].linears):.5f}")
 
 owl = reports["+ OWL"].block_sparsity
 targets, achieved, sizes_l = np.array(owl["targets"]), np.array(owl["achieved"]), np.array(owl["sizes"])

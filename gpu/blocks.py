@@ -1,0 +1,182 @@
+"""One decoder block's pruning: its target linears, their Grams, each group's solve.
+
+`prune_block` finds the block's prunable linears (`models.prunable_linears`), groups those
+that read the same input (`calibration.shared_input_groups`), collects one Gram per group
+(or Wanda's column norms) over the calibration samples, and hands each group to
+`prune_group`, which runs the method's solve (`prune.prune_shared`) and writes the weights
+back. `block_targets` gives each block its sparsity (uniform or OWL), `check_model` what can
+be checked from the config and the model's skeleton before any work. The loop over blocks
+and the run around it are `pipeline.py`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from admm_prune.reference import owl_sparsities
+
+from . import models as models_mod
+from .calibration import (
+    GramCollector, NormCollector, calibrate_block, capture_block_inputs, run_block, shared_input_groups, visiting,
+)
+from .config import PipelineError, PruneConfig
+from .context import RunContext
+from .distributed import Dist
+from .evaluate import check_seqlen_fits
+from .owl import outlier_ratio
+from .prune import prune_shared, prune_weights
+from .report import NO_TIMER, LinearRecord, PhaseTimer
+from .solve import reconstruction_errors
+from .sources import as_source
+
+log = logging.getLogger(__name__)
+
+
+def check_finite(tensor: torch.Tensor, what: str):
+    if not bool(torch.isfinite(tensor).all()):
+        raise PipelineError(f"NaN/Inf in {what}; try dtype float32 or a larger damp")
+
+
+@torch.no_grad()
+def prune_group(block, block_idx: int, names: list[str], XtX: torch.Tensor | None, cfg: PruneConfig,
+                sparsity: float | None, callback: Callable | None = None, timer: PhaseTimer = NO_TIMER,
+                ) -> list[LinearRecord]:
+    """Prune the linears of `names` (one shared input, one Gram; None for magnitude) in place
+    to `sparsity` (the block's target: ``cfg.sparsity``, or OWL's for this block). A method
+    that needs only the column norms (Wanda) gets diag(XtX) as a vector, unless layer errors
+    or a callback asked for the full Gram."""
+    linears = [block.get_submodule(n) for n in names]
+    t0 = time.perf_counter()
+    dense = [lin.weight.detach().clone() for lin in linears]
+    with timer("solve"):
+        if XtX is None:  # a method that reads only the weights: each linear on its own
+            results = [prune_weights(W, sparsity, cfg) for W in dense]
+        else:
+            check_finite(XtX, f"block {block_idx} inputs of {names[0]} (Gram matrix)")
+            gram = torch.diag(XtX) if XtX.ndim == 1 else XtX
+            results = prune_shared(dense, gram, sparsity, **cfg.engine_solver_kwargs())
+    seconds = (time.perf_counter() - t0) / len(names)
+    records = []
+    for n, lin, W, res in zip(names, linears, dense, results):
+        check_finite(res.W, f"block {block_idx} {n} pruned weights")
+        lin.weight.copy_(res.W.to(lin.weight.dtype))
+        errors = (None, None)
+        if cfg.measure_errors:
+            with timer("errors"):
+                Wf = W.to(torch.float32)
+                errors = reconstruction_errors(Wf, [Wf * res.mask, res.W.to(torch.float32)], XtX)
+        records.append(LinearRecord(
+            block=block_idx, name=n, shape=tuple(W.shape), sparsity=float((lin.weight == 0).float().mean()),
+            error_mask_only=errors[0], error_pruned=errors[1], seconds=seconds))
+        if callback is not None:
+            callback(block_idx, n, W, XtX, res)
+    return records
+
+
+@torch.no_grad()
+def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, sparsity: float | None, device,
+                callback: Callable | None = None, timer: PhaseTimer = NO_TIMER, dist: Dist = Dist(),
+                ) -> list[LinearRecord]:
+    """Prune one block in place: its target linears (`models.prunable_linears`) grouped by
+    shared input (`shared_input_groups`, one sample's forward), Grams (or Wanda's column
+    norms) from a forward over `inps`, then each group's solve. With several ranks the Grams
+    are summed over the ranks' windows, each group is solved by one rank (`Dist.assign`, by
+    cost) and its weights broadcast."""
+    names = models_mod.prunable_linears(block, cfg.targets, cfg.ignore)
+    needs = cfg.spec.needs
+    if needs == "weights":  # |W| only: every rank computes the same, nothing to share
+        return [r for n in names for r in prune_group(block, i, [n], None, cfg, sparsity, callback, timer)]
+    with timer("forward"):
+        groups = shared_input_groups(block, names, inps[:1], kwargs, device)
+    # Wanda's scores read only diag(XtX); the full Gram only for layer errors or a callback
+    full = needs == "gram" or cfg.measure_errors or callback is not None
+    collect = GramCollector if full else NormCollector
+    records = []
+    for stage in ([[g] for g in groups] if cfg.true_sequential else [groups]):
+        with collect(block, [g[0] for g in stage], device, timer, stop=True) as collector, timer("forward"):
+            calibrate_block(block, inps, kwargs, device)
+        owners = dist.assign([_solve_cost(block, g, cfg) for g in stage])
+        with timer("share"):  # summed in float64 over the ranks, then the solvers' float32
+            grams = [dist.sum_(collector.grams.pop(g[0])).float() for g in stage]  # each float64 sum freed
+        mine = []
+        for g, gram, owner in zip(stage, grams, owners):
+            if owner == dist.rank:
+                mine += prune_group(block, i, g, gram, cfg, sparsity, callback, timer)
+        with timer("share"):
+            for g, owner in zip(stage, owners):
+                for n in g:
+                    dist.broadcast_(block.get_submodule(n).weight.data, owner)
+            order = [n for g in stage for n in g]
+            records += sorted((r for rank in dist.gather_objects(mine) for r in rank), key=lambda r: order.index(r.name))
+    return records
+
+
+def _solve_cost(block, names: list[str], cfg: PruneConfig) -> float:
+    """FLOPs of one group's solve: the d_in^3 factorization, d_out d_in^2 per ADMM step."""
+    shapes = [block.get_submodule(n).weight.shape for n in names]
+    d_in = shapes[0][1]
+    return d_in**3 + sum(d_out * d_in**2 * (cfg.iters + cfg.polish_iters + 2) for d_out, _ in shapes)
+
+
+def check_model(model, cfg: PruneConfig):
+    """What can be known from the config and the skeleton: window lengths (within the context,
+    and within the sliding window where layers mix sliding and full attention), a target
+    linear in every block, N:M divisibility."""
+    check_seqlen_fits(model, seqlen=cfg.seqlen, eval_seqlen=cfg.eval_seqlen)
+    window = models_mod.mixed_sliding_window(model)
+    lengths = {"seqlen": cfg.seqlen if cfg.needs_calibration else None,
+               "eval_seqlen": (cfg.eval_seqlen or cfg.seqlen) if cfg.eval is not None else None}
+    for name, value in lengths.items():
+        if window is not None and value is not None and value > window:
+            raise PipelineError(f"{name} {value} exceeds the sliding window of {window} tokens: the layers of "
+                                f"{type(model).__name__} mix sliding and full attention, and block-by-block "
+                                f"forwards give every block the mask of block 0")
+    for i, block in enumerate(model.model.layers):
+        names = models_mod.prunable_linears(block, cfg.targets, cfg.ignore)
+        if not names:
+            raise PipelineError(f"targets {list(cfg.targets)} and ignore {list(cfg.ignore)} leave no linear of "
+                                f"block {i} ({type(block).__name__}) to prune")
+        for n in names if cfg.nm is not None else ():
+            d_in = block.get_submodule(n).in_features
+            if d_in % cfg.nm[1]:
+                raise PipelineError(f"pattern {cfg.pattern} needs input sizes divisible by {cfg.nm[1]}, "
+                                    f"but block {i} {n} has {d_in} inputs")
+
+
+@torch.no_grad()
+def block_targets(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, ctx: RunContext | None = None) -> dict:
+    """Each pruned block's sparsity: ``cfg.sparsity`` (uniform), or OWL's targets from the
+    dense model's outlier ratios (one dense forward over the calibration windows per block).
+
+    Returns {"profile", "targets": [...], and for OWL "ratios": [...], "sizes": [...]}."""
+    source = as_source(model)
+    ctx = ctx or RunContext.of(cfg, source)
+    nblocks = ctx.num_blocks
+    if cfg.sparsity_profile == "uniform":
+        return {"profile": "uniform", "targets": [cfg.sparsity] * nblocks}
+    dist, device, store = ctx.dist, ctx.device, ctx.store
+    inps, kwargs = capture_block_inputs(source.model, dist.share(calib_ids), device, store, cfg.progress)
+    outs = torch.empty_like(inps)
+    ratios, sizes = [], []
+    for i in tqdm(range(nblocks), desc="outlier ratios (dense)", disable=not cfg.progress, leave=False):
+        with source.block(i) as block, visiting([block], device):
+            names = models_mod.prunable_linears(block, cfg.targets, cfg.ignore)
+            groups = shared_input_groups(block, names, inps[:1], kwargs, device)
+            with NormCollector(block, [g[0] for g in groups], device) as norms:
+                run_block(block, inps, kwargs, device, outs)
+            Ws = [block.get_submodule(n).weight for g in groups for n in g]
+            group_cols = [dist.sum_(norms.grams[g[0]]).sqrt().float() for g in groups]  # one all_reduce each
+            cols = [c for g, c in zip(groups, group_cols) for _ in g]
+            ratios.append(outlier_ratio(Ws, cols, cfg.owl_m))
+            sizes.append(sum(W.numel() for W in Ws))
+        inps, outs = outs, inps
+    targets = owl_sparsities(ratios, sizes, cfg.sparsity, cfg.owl_lambda, cfg.pattern)
+    log.info("OWL targets (M %g, lambda %g): %s", cfg.owl_m, cfg.owl_lambda,
+             " ".join(f"{t:.3f}" for t in targets))
+    return {"profile": "owl", "m": cfg.owl_m, "lambda": cfg.owl_lambda, "ratios": ratios, "sizes": sizes,
+            "targets": [float(t) for t in targets]}

@@ -1,0 +1,193 @@
+"""A run's output: checked before any work (`OutputPlan`), assembled from the staging folder
+at the end (`assemble`), cleaned up after a failure (`after_failure`).
+
+Assembly groups the staged files into shards of at most ``max_shard_size`` bytes (a shard
+made of one file is a hard link; several are concatenated byte for byte, so memory stays
+flat), adds the index, config, generation config, tokenizer and report, and renames the
+folder onto ``--out`` (an old ``--out`` is moved aside first and removed only after the new
+one is in place; SIGINT is held off for those two renames).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import signal
+import struct
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from .config import PipelineError
+from .report import PruneReport, missing_parents, usual_mode
+from .shards import INDEX, SINGLE, read_header
+from .staging import Staging
+
+
+class OutputPlan:
+    """Where a run's output goes, checked before any work: refuses what cannot be written,
+    creates the missing parent folders (and removes those it created if the run fails)."""
+
+    def __init__(self, out: str, overwrite: bool):
+        path = Path(out)
+        self.out, self.created = path, []
+        if path.exists() and not overwrite:
+            raise PipelineError(f"out {out} already exists; pass overwrite to replace it")
+        if path.exists() and not path.is_dir():
+            raise PipelineError(f"out {out} exists and is not a directory")
+        if path.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+            raise PipelineError(f"out {out} is the current folder or holds it; choose a new folder")
+        try:
+            self.created = missing_parents(out)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+
+    def make_parents(self):
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def remove_created(self):
+        for p in reversed(self.created):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
+def extras_writer(model, tokenizer, report: PruneReport) -> Callable[[Path], None]:
+    """What `assemble` adds beside the weights: config (with the tensors' dtype), generation
+    config, tokenizer, report.json."""
+    def write(folder):
+        config = copy.deepcopy(model.config)
+        config.dtype = model.dtype  # what the tensors are, as save_pretrained records it
+        config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        (folder / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
+    return write
+
+
+def assemble(staging: Staging, overwrite: bool, max_shard_size: int, write_extras: Callable[[Path], None]) -> bool:
+    """Shard the staged files into ``<staging>/final``, add `write_extras(folder)`'s files,
+    and rename the result onto ``staging.out``; then remove the staging folder.
+
+    Returns whether a SIGINT came while the output was being swapped in (it was held
+    off: the output is complete either way)."""
+    out, final = staging.out, staging.path / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    final.mkdir()
+    groups = _group_by_size(staging.files(), max_shard_size)
+    weight_map, total = {}, 0
+    for k, group in enumerate(groups):
+        name = SINGLE if len(groups) == 1 else f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        header = merge_safetensors(group, final / name)
+        weight_map.update({key: name for key in header if key != "__metadata__"})
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for key, v in header.items()
+                     if key != "__metadata__")
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (final / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    write_extras(final)
+    for path in [final, *final.iterdir()]:
+        path.chmod(usual_mode(path.is_dir()))
+    with _sigint_held() as caught:
+        if out.exists():
+            if not overwrite:
+                raise PipelineError(f"out {out} appeared while pruning; not replacing it "
+                                    f"(the finished checkpoint is in {final})")
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            final.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            final.rename(out)
+        staging.discard()
+    return bool(caught)
+
+
+def after_failure(staging: Staging | None, plan: OutputPlan | None) -> str | None:
+    """Clean up after a failed or interrupted run; say what is kept on disk (None: nothing)."""
+    if staging is not None and plan is not None and staging.finished:
+        return (f"{plan.out} untouched; {len(staging.finished)} finished blocks kept in {staging.path}: "
+                f"rerun the same command with --resume to continue")
+    if staging is not None:
+        staging.discard()
+    if plan is not None:
+        plan.remove_created()
+    return None
+
+
+def _group_by_size(paths: list[Path], limit: int) -> list[list[Path]]:
+    """Consecutive files, greedily, into groups of at most `limit` bytes (a bigger file alone)."""
+    groups, size = [], 0
+    for p in paths:
+        n = p.stat().st_size
+        if groups and size + n <= limit:
+            groups[-1].append(p)
+            size += n
+        else:
+            groups.append([p])
+            size = n
+    return groups
+
+
+def merge_safetensors(parts: list[Path], dest: Path) -> dict:
+    """One safetensors file holding every tensor of `parts`, copied byte for byte; returns its header.
+
+    A single part is hard-linked (no copy). Our own because safetensors has no streaming
+    writer: ``save_file`` needs every tensor in memory at once, this needs one buffer.
+    """
+    if len(parts) == 1:
+        try:
+            os.link(parts[0], dest)
+        except OSError:
+            shutil.copyfile(parts[0], dest)
+        return read_header(dest)[0]
+    header, regions, offset = {}, [], 0
+    for p in parts:
+        h, start = read_header(p)
+        h.pop("__metadata__", None)
+        size = max((v["data_offsets"][1] for v in h.values()), default=0)
+        for k, v in h.items():
+            b, e = v["data_offsets"]
+            header[k] = {**v, "data_offsets": [b + offset, e + offset]}
+        regions.append((p, start, size))
+        offset += size
+    header = {"__metadata__": {"format": "pt"}, **header}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    tmp = dest.with_name(dest.name + ".partial")
+    with open(tmp, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)) + raw)
+        for p, start, size in regions:
+            with open(p, "rb") as f:
+                f.seek(start)
+                remaining = size
+                while remaining:
+                    chunk = f.read(min(remaining, 1 << 24))
+                    if not chunk:
+                        raise OSError(f"{p} is shorter than its header says")
+                    out.write(chunk)
+                    remaining -= len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, dest)
+    return header
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Hold SIGINT off while the output is swapped into place; yields the list of those caught."""
+    caught: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGINT, previous)

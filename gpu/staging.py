@@ -1,0 +1,200 @@
+"""The staging folder: a run's finished blocks on disk as they finish, with the manifest to
+resume from.
+
+`Staging` is a folder beside ``--out`` (``.<out>.staging``). Each finished block is written
+there at once as its own safetensors file (temporary name, fsync, rename), and the manifest
+(written the same way) records it with the sha256 of the file. A run killed at any point
+leaves a staging folder whose manifest lists only complete blocks; ``--resume`` checks the
+configuration and calibration against the manifest, verifies each listed block's checksum,
+and the engine replays the finished blocks instead of pruning them again. At the end
+`output.assemble` turns the folder into the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import PipelineError
+from .distributed import Dist
+from .report import usual_mode, write_atomic
+from .shards import open_safetensors
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save(tensors: dict, path: Path) -> None:
+    """save_file to a temporary name, fsync, rename: `path` is complete or absent."""
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, usual_mode(False))
+    os.replace(tmp, path)
+
+
+class Staging:
+    """The folder beside `out` where a run's finished blocks wait, with their manifest."""
+
+    def __init__(self, out: Path, temporary: bool = False):
+        self.out = Path(out)
+        self.path = self.out.parent / f".{self.out.name}.staging"
+        self.temporary = temporary
+        self.manifest: dict = {}
+
+    @classmethod
+    def scratch(cls) -> Staging:
+        """A staging folder in the temp dir for a run without `out` (removed by `discard`)."""
+        return cls(Path(tempfile.mkdtemp(prefix="admm-prune-")) / "run", temporary=True)
+
+    @classmethod
+    def view(cls, path: str, manifest: dict) -> Staging:
+        """Another process's staging folder, for reading its finished blocks (`shared()`)."""
+        staging = cls(Path(path).parent / Path(path).name.removeprefix(".").removesuffix(".staging"))
+        staging.manifest = manifest
+        return staging
+
+    def shared(self) -> tuple[str, dict]:
+        """What `view` needs in another process: the folder and the manifest."""
+        return str(self.path), self.manifest
+
+    @property
+    def finished(self) -> dict[int, dict]:
+        return {int(i): b for i, b in self.manifest.get("blocks", {}).items()}
+
+    def files(self) -> list[Path]:
+        """The staged files in checkpoint order: the rest (embeddings, norm, lm_head), then each block."""
+        names = [self.manifest["rest"]["file"]] + [b["file"] for _, b in sorted(self.finished.items())]
+        return [self.path / name for name in names]
+
+    def start(self, fingerprint: dict, resume: bool) -> dict[int, dict]:
+        """Open the folder: reuse a verified earlier run's blocks (`resume`), else start clean.
+
+        Returns the finished blocks {index: manifest entry}."""
+        fingerprint = json.loads(json.dumps(fingerprint, default=str))
+        if self.path.exists() and resume:
+            self._load(fingerprint)
+        else:
+            if self.path.exists():
+                log.info("removing %s, left by an interrupted run (--resume continues such a run)", self.path)
+                shutil.rmtree(self.path)
+            elif resume:
+                log.info("nothing to resume at %s; starting from the first block", self.path)
+            self._remove_leftovers()
+            self.path.mkdir(parents=True)
+            self.manifest = {"version": MANIFEST_VERSION, "fingerprint": fingerprint, "rest": None, "blocks": {}}
+            self._save_manifest()
+        return self.finished
+
+    def _remove_leftovers(self):
+        """Folders that killed runs of earlier versions left beside `out`: their temporary
+        save (``.<out>.tmp-*``), and a moved-aside old output (``.<out>.old-*``) once `out`
+        itself is complete again."""
+        patterns = [f".{self.out.name}.tmp-*"] + ([f".{self.out.name}.old-*"] if self.out.is_dir() else [])
+        for pattern in patterns:
+            for p in self.out.parent.glob(pattern):
+                log.info("removing %s, left by an interrupted run", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _load(self, fingerprint: dict):
+        try:
+            manifest = json.loads((self.path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            raise PipelineError(f"cannot resume: {self.path / MANIFEST} is missing or unreadable; "
+                                f"rerun without resume to start over") from None
+        old = manifest.get("fingerprint", {})
+        diff = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
+        if diff:
+            k = diff[0]
+            raise PipelineError(f"cannot resume {self.path}: {k} was {old.get(k)!r}, now {fingerprint.get(k)!r}"
+                                + (f" (and {len(diff) - 1} more: {', '.join(diff[1:])})" if len(diff) > 1 else ""))
+        blocks, kept = manifest.get("blocks", {}), {}
+        for i in sorted(blocks, key=int):  # keep the verified prefix; a bad block and all after it are redone
+            entry = blocks[i]
+            if int(i) != len(kept) or not self._verify(entry):
+                break
+            kept[i] = entry
+        if len(kept) < len(blocks):
+            log.warning("resume: %d of %d staged blocks verified; redoing from block %d",
+                        len(kept), len(blocks), len(kept))
+        manifest["blocks"] = kept
+        if manifest.get("rest") and not self._verify(manifest["rest"]):
+            manifest["rest"] = None
+        listed = {e["file"] for e in kept.values()} | ({manifest["rest"]["file"]} if manifest.get("rest") else set())
+        for p in self.path.iterdir():  # partial files of the interrupted write, a half-done finish
+            if p.name != MANIFEST and p.name not in listed:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        self.manifest = manifest
+        self._save_manifest()
+        log.info("resume: %d finished blocks verified in %s", len(kept), self.path)
+
+    def _verify(self, entry: dict) -> bool:
+        path = self.path / entry["file"]
+        ok = path.is_file() and path.stat().st_size == entry["bytes"] and _sha256(path) == entry["sha256"]
+        if not ok:
+            log.warning("resume: %s is missing, truncated or corrupt", path)
+        return ok
+
+    def _save_manifest(self):
+        write_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=1))
+
+    def _write(self, name: str, tensors: dict) -> dict:
+        path = self.path / name
+        _save(tensors, path)
+        return {"file": name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+    def write_rest(self, tensors: dict):
+        if self.manifest.get("rest") is None:
+            self.manifest["rest"] = self._write("rest.safetensors", tensors)
+            self._save_manifest()
+
+    def write_block(self, i: int, tensors: dict, info: dict):
+        """Block i is done: its file, then the manifest entry (with `info`: records, seconds)."""
+        entry = self._write(f"block-{i:05d}.safetensors", tensors)
+        self.manifest["blocks"][str(i)] = {**entry, **info}
+        self._save_manifest()
+
+    def read_block(self, i: int) -> dict[str, torch.Tensor]:
+        path = self.path / self.manifest["blocks"][str(i)]["file"]
+        with open_safetensors(path) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    def discard(self):
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.temporary:
+            shutil.rmtree(self.out.parent, ignore_errors=True)
+
+
+def start_staging(staging: Staging | None, fingerprint: dict, resume: bool, dist: Dist) -> list[int]:
+    """Open rank 0's staging folder (resuming its finished blocks when asked); returns them.
+    A refused resume (another config, another world size) raises on every rank, leaving the
+    folder as it was: rank 0 alone reads it, so its verdict is broadcast."""
+    verdict: list[int] | PipelineError = []
+    if staging is not None:
+        try:
+            verdict = sorted(staging.start(fingerprint, resume))
+        except PipelineError as error:
+            verdict = error
+    verdict = dist.broadcast_object(verdict)
+    if isinstance(verdict, PipelineError):
+        raise verdict
+    return verdict
