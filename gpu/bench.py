@@ -55,7 +55,8 @@ class BenchConfig(SolverOptions, CalibOptions, ModelOptions):
     The solver settings are `SolverOptions`' (shared by every run); `methods` and `settings`
     vary the method, sparsity and pattern (`VARIED`, not flags of their own)."""
 
-    VARIED: ClassVar[tuple[str, ...]] = ("method", "sparsity", "pattern", "sparsity_profile", "offload_activations")
+    VARIED: ClassVar[tuple[str, ...]] = ("method", "sparsity", "pattern", "sparsity_profile", "offload_activations",
+                                         "seed")
 
     methods: tuple[str, ...] = option(("wanda", "sparsegpt", "admm", "admm-grad"),
                                       "comma-separated methods (see the list above); each may carry variants "
@@ -65,6 +66,10 @@ class BenchConfig(SolverOptions, CalibOptions, ModelOptions):
     peers: tuple[str, ...] = option(PEERS, "peer implementations run on the same windows when installed "
                                            "('' for none)")
     peer_methods: tuple[str, ...] = option(PEER_METHODS, "the peers' methods to run")
+    seeds: tuple[int, ...] = option((0,), "calibration seeds, comma-separated: every method and setting runs "
+                                          "once per seed; the tables give mean and std over the seeds")
+    baseline_method: str | None = option(None, "a --methods entry: each run's perplexity is also given as a "
+                                               "ratio to it, paired per seed (same calibration), then averaged")
     nsamples: int = option(64, "calibration windows")
     seqlen: int = option(512, "calibration window length in tokens")
     eval: str = option("wikitext2", "perplexity data (wikitext2, c4 or a local file)")
@@ -90,6 +95,14 @@ class BenchConfig(SolverOptions, CalibOptions, ModelOptions):
                 raise PipelineError(f"peers: unknown peer {p!r}; choose from {PEERS}", field="peers")
         for s in self.settings:
             _setting(s)
+        if not self.seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in self.seeds) \
+                or len(set(self.seeds)) < len(self.seeds):
+            raise PipelineError(f"seeds must be distinct integers, got {self.seeds!r}", field="seeds")
+        if self.seed != 0:
+            raise PipelineError("seed: the bench takes seeds (one or more), e.g. seeds=(3,)", field="seed")
+        if self.baseline_method is not None and self.baseline_method not in self.methods:
+            raise PipelineError(f"baseline_method {self.baseline_method!r} is not one of methods {self.methods}",
+                                field="baseline_method")
         positive_int("eval_seqlen", self.eval_seqlen, MIN_SEQLEN)
         positive_int("eval_windows", self.eval_windows, optional=True)
         for name in ("owl_m", "owl_lambda"):  # read by every +owl variant, whatever sparsity_profile says
@@ -101,13 +114,15 @@ class BenchConfig(SolverOptions, CalibOptions, ModelOptions):
         if self.out is not None:
             prepare_report_out(self.out)  # before any work: a read-only folder fails now, not at the end
 
-    def run_config(self, method: str, sparsity: float | None, pattern: str, overrides: dict) -> PruneConfig:
+    def run_config(self, method: str, sparsity: float | None, pattern: str, overrides: dict,
+                   seed: int = 0) -> PruneConfig:
         """The PruneConfig of one run: this bench's settings, the run's method and setting."""
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(PruneConfig)
                   if f.name in self.__dataclass_fields__ and f.name not in ("eval", "eval_split", "eval_seqlen",
                                                                              "eval_windows", "out", "progress")}
         return PruneConfig(**{**shared, "method": method, "sparsity": sparsity, "pattern": pattern,
-                              "sparsity_profile": "uniform", "eval": None, "progress": False, **overrides})
+                              "sparsity_profile": "uniform", "eval": None, "progress": False, "seed": seed,
+                              **overrides})
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -228,16 +243,22 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
             raise PipelineError(f"{flag} {value} exceeds the model's limit of {limit} positions")
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     texts = data_mod.load_texts(cfg.calib, split="train")
-    calib_ids, calib_info = data_mod.sample_calibration(texts, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+    tokens = data_mod.TokenCache(texts, tokenizer, cfg.seqlen)  # tokenized once, for every seed
+    calibration = {seed: data_mod.sample_calibration(texts, tokenizer, cfg.nsamples, cfg.seqlen, seed, tokens)
+                   for seed in cfg.seeds}
     windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.eval_seqlen, cfg.eval_windows)
     eval_kw = dict(device=cfg.device, progress=cfg.progress)
     result = {"config": asdict(cfg), "versions": versions(), "device": str(device),
               "model": cfg.model or getattr(model.config, "name_or_path", None) or "smollm2",
-              "calibration": calib_info, "eval_windows": int(windows.shape[0]), "runs": [], "skipped": {}}
+              "calibration": {str(seed): info for seed, (_, info) in calibration.items()},
+              "eval_windows": int(windows.shape[0]), "runs": [], "skipped": {}}
     t0 = time.perf_counter()
-    result["dense_perplexity"] = perplexity(model, windows, desc="dense", **eval_kw)
+    result["dense_perplexity"] = perplexity(model, windows, desc="dense", **eval_kw)  # once: no seed in it
     result["eval_seconds"] = time.perf_counter() - t0
     log.info("dense perplexity %.3f (%.0f s per evaluation)", result["dense_perplexity"], result["eval_seconds"])
+    if not any("owl" in m.split("+")[1:] for m in cfg.methods) and \
+            (cfg.owl_m, cfg.owl_lambda) != (SolverOptions.owl_m, SolverOptions.owl_lambda):
+        log.warning("owl_m/owl_lambda are set but no +owl variant is asked for: they are unused")
 
     peers = []
     for peer in cfg.peers:
@@ -248,14 +269,15 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
         else:
             log.warning("skipping peer %s: %s", peer, why)
             result["skipped"][peer] = why
-    jobs = [job for s in cfg.settings for job in
-            [(s, "admm-prune", m) for m in cfg.methods] + [(s, p, m) for p in peers for m in cfg.peer_methods]]
-    for setting, impl, method in tqdm(jobs, desc="bench", disable=not cfg.progress):
+    jobs = [(seed, s, impl, m) for seed in cfg.seeds for s in cfg.settings for impl, m in
+            [("admm-prune", m) for m in cfg.methods] + [(p, m) for p in peers for m in cfg.peer_methods]]
+    for seed, setting, impl, method in tqdm(jobs, desc="bench", disable=not cfg.progress):
         sparsity, pattern = _setting(setting)
+        calib_ids = calibration[seed][0]
         if impl == "admm-prune":
             base, overrides = parse_variant(method)
             try:
-                pcfg = cfg.run_config(base, sparsity, pattern, overrides)
+                pcfg = cfg.run_config(base, sparsity, pattern, overrides, seed)
             except AdmmPruneError as e:  # e.g. OWL at an N:M setting
                 result["skipped"][f"{method} {setting}"] = str(e)
                 continue
@@ -272,62 +294,110 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
-        run = {"setting": setting, "impl": impl, "method": method, "prune_seconds": seconds,
+        run = {"seed": seed, "setting": setting, "impl": impl, "method": method, "prune_seconds": seconds,
                "phase_seconds": phase_totals(phases) if impl == "admm-prune" else None,
                "peak_memory_gib": mem.gib, "linear_sparsity": linear_sparsity(model),
                "mean_layer_error": mean_layer_error(errors),
-               "perplexity": perplexity(model, windows, desc=f"{impl} {method} {setting}", **eval_kw)}
+               "perplexity": perplexity(model, windows, desc=f"{impl} {method} {setting} seed {seed}", **eval_kw)}
         log.info("%s", run)
         result["runs"].append(run)
-        _save(result, cfg.out)  # after every run: a long benchmark keeps what it measured
+        _save(result, cfg)  # after every run: a long benchmark keeps what it measured
     model.load_state_dict(dense_state)
-    return _save(result, cfg.out)
+    return _save(result, cfg)
 
 
-def _save(result: dict, out: str | None) -> dict:
+def _save(result: dict, cfg: BenchConfig) -> dict:
     result["ratios"] = _ratios(result["runs"])
+    result["summary"] = summarize(result["runs"], cfg.baseline_method)
     result["markdown"] = format_markdown(result)
-    if out is not None:
-        write_atomic(Path(out + ".json"), json.dumps(result, indent=2, default=str))
-        write_atomic(Path(out + ".md"), result["markdown"])
+    if cfg.out is not None:
+        write_atomic(Path(cfg.out + ".json"), json.dumps(result, indent=2, default=str))
+        write_atomic(Path(cfg.out + ".md"), result["markdown"])
     return result
 
 
 def _ratios(runs: list[dict]) -> list[dict]:
-    """Our runs against llm-compressor SparseGPT at the same setting (perplexity, time)."""
-    peer = {r["setting"]: r for r in runs if r["impl"] == "llmcompressor" and r["method"] == "sparsegpt"}
+    """Our runs against llm-compressor SparseGPT at the same setting and seed (perplexity, time)."""
+    peer = {(r["setting"], r["seed"]): r for r in runs if r["impl"] == "llmcompressor" and r["method"] == "sparsegpt"}
     out = []
     for r in runs:
-        p = peer.get(r["setting"])
+        p = peer.get((r["setting"], r["seed"]))
         if r["impl"] == "admm-prune" and p is not None:
-            out.append({"setting": r["setting"], "method": r["method"],
+            out.append({"seed": r["seed"], "setting": r["setting"], "method": r["method"],
                         "perplexity_ratio": r["perplexity"] / p["perplexity"],
                         "time_ratio": r["prune_seconds"] / p["prune_seconds"]})
     return out
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def summarize(runs: list[dict], baseline_method: str | None) -> list[dict]:
+    """Per (setting, implementation, method): perplexity and prune time over the seeds (mean, std,
+    each seed's value) and, with a baseline method, the ratio to it taken per seed on the same
+    calibration (paired), then averaged."""
+    base = {(r["setting"], r["seed"]): r["perplexity"] for r in runs
+            if r["impl"] == "admm-prune" and r["method"] == baseline_method}
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["setting"], r["impl"], r["method"]), []).append(r)
+    out = []
+    for (setting, impl, method), rs in groups.items():
+        ppl = [r["perplexity"] for r in rs]
+        row = {"setting": setting, "impl": impl, "method": method, "seeds": [r["seed"] for r in rs],
+               "perplexities": ppl, "perplexity_mean": mean_std(ppl)[0], "perplexity_std": mean_std(ppl)[1],
+               "prune_seconds_mean": mean_std([r["prune_seconds"] for r in rs])[0]}
+        ratios = [r["perplexity"] / base[(setting, r["seed"])] for r in rs if (setting, r["seed"]) in base]
+        if baseline_method is not None and len(ratios) == len(rs):
+            row.update(ratio_to=baseline_method, ratios=ratios, ratio_mean=mean_std(ratios)[0],
+                       ratio_std=mean_std(ratios)[1])
+        out.append(row)
+    return out
+
+
 def format_markdown(result: dict) -> str:
     c = result["config"]
+    first = next(iter(result["calibration"].values()))
+    seeds = c["seeds"]
     lines = [
         f"Model `{result['model']}` ({c['dtype']}) on {result['device']}; calibration "
-        f"{result['calibration'].get('nsamples')} x {c['seqlen']} tokens from `{c['calib']}` "
-        f"(seed {c['seed']}, {result['calibration'].get('mode')}); perplexity on "
+        f"{first.get('nsamples')} x {c['seqlen']} tokens from `{c['calib']}` "
+        f"(seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, {first.get('mode')}); perplexity on "
         f"{result['eval_windows']} windows of {c['eval_seqlen']} tokens of `{c['eval']}`. "
         f"Dense perplexity **{result['dense_perplexity']:.3f}**.",
         "",
-        "| setting | implementation | method | perplexity | ppl / llmc-SparseGPT | prune time (s) "
-        "| time / llmc-SparseGPT | peak mem (GiB) | mean layer error | sparsity |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    ratios = {(r["setting"], r["method"]): r for r in result["ratios"]}
+    summary = result.get("summary") or []
+    if len(seeds) > 1 and summary:
+        base = c.get("baseline_method")
+        lines += [f"Mean ± std over {len(seeds)} calibration seeds"
+                  + (f"; ratio to {base} taken per seed (same calibration), then averaged:" if base else ":"), "",
+                  "| setting | implementation | method | perplexity | " + (f"/ {base} | " if base else "")
+                  + "prune time (s) |", "|---|---|---|---:|" + ("---:|" if base else "") + "---:|"]
+        for r in summary:
+            ratio = (f"{r['ratio_mean']:.3f} ± {r['ratio_std']:.3f} | " if "ratio_mean" in r else
+                     ("— | " if base else ""))
+            lines.append(f"| {r['setting']} | {r['impl']} | {r['method']} | {r['perplexity_mean']:.3f} ± "
+                         f"{r['perplexity_std']:.3f} | {ratio}{r['prune_seconds_mean']:.1f} |")
+        lines += ["", "Each run:", ""]
+    lines += [
+        "| seed | setting | implementation | method | perplexity | ppl / llmc-SparseGPT | prune time (s) "
+        "| time / llmc-SparseGPT | peak mem (GiB) | mean layer error | sparsity |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ratios = {(r["seed"], r["setting"], r["method"]): r for r in result["ratios"]}
 
     def fmt(value, spec):
         return "—" if value is None else format(value, spec)
 
     for r in result["runs"]:
-        q = ratios.get((r["setting"], r["method"]), {}) if r["impl"] == "admm-prune" else {}
+        q = ratios.get((r["seed"], r["setting"], r["method"]), {}) if r["impl"] == "admm-prune" else {}
         lines.append(
-            f"| {r['setting']} | {r['impl']} | {r['method']} | {r['perplexity']:.3f} | "
+            f"| {r['seed']} | {r['setting']} | {r['impl']} | {r['method']} | {r['perplexity']:.3f} | "
             f"{fmt(q.get('perplexity_ratio'), '.3f')} | {r['prune_seconds']:.1f} | "
             f"{fmt(q.get('time_ratio'), '.2f')} | {fmt(r['peak_memory_gib'], '.2f')} | "
             f"{fmt(r['mean_layer_error'], '.4f')} | {r['linear_sparsity']:.4f} |")
@@ -335,8 +405,8 @@ def format_markdown(result: dict) -> str:
     if ours:
         names = sorted({k for r in ours for k in r["phase_seconds"]}, key=PHASES.index)
         lines += ["", "Pruning time by phase (s, summed over blocks):", "",
-                  "| setting | method | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
-        lines += [f"| {r['setting']} | {r['method']} | "
+                  "| seed | setting | method | " + " | ".join(names) + " |", "|---:|---|---|" + "---:|" * len(names)]
+        lines += [f"| {r['seed']} | {r['setting']} | {r['method']} | "
                   + " | ".join(f"{r['phase_seconds'].get(k, 0.0):.1f}" for k in names) + " |" for r in ours]
     for what, why in result["skipped"].items():
         lines.append(f"\n{what} skipped: {why}")

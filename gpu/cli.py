@@ -98,6 +98,7 @@ _TYPES = {
     "str": str,
     "str | None": _none_or(str),
     "tuple[str, ...]": _comma_list,
+    "tuple[int, ...]": _typed("comma-separated integers", lambda text: tuple(int(t) for t in _comma_list(text))),
 }
 _PARSERS = {"byte_size": byte_size}
 

@@ -239,10 +239,12 @@ def perplexity_text(texts):
     return "\n\n".join(texts)
 
 
-class _TokenCache:
+class TokenCache:
     """Token counts of documents, tokenized in batches on first use as ``tokenizer(text)``.
 
     Ids are kept only for documents longer than `seqlen` (the ones a window can come from).
+    One cache serves every seed of the same texts, tokenizer and seqlen (the bench's seeds):
+    which documents are scanned does not depend on the seed.
     """
 
     def __init__(self, texts, tokenizer, seqlen):
@@ -260,7 +262,7 @@ class _TokenCache:
                 self.long[i] = ids
 
 
-def sample_calibration(texts, tokenizer, nsamples, seqlen, seed):
+def sample_calibration(texts, tokenizer, nsamples, seqlen, seed, cache: TokenCache | None = None):
     """`nsamples` windows of `seqlen` tokens from `texts`, and a dict saying how they were made.
 
     "random-window" (the SparseGPT/Wanda sampler, same random calls with ``random.Random(seed)``):
@@ -272,6 +274,9 @@ def sample_calibration(texts, tokenizer, nsamples, seqlen, seed):
     "concatenated" (fallback): documents in a seeded random order, tokenized without special
     tokens, joined with the tokenizer's eos token, cut into consecutive windows. If there are
     fewer than `nsamples` windows of text, returns as many as there are (``info["nsamples"]``).
+
+    `cache`: a `TokenCache` of the same texts, tokenizer and seqlen to reuse across seeds
+    (another one is ignored); the windows are the same with or without it.
 
     Returns
     -------
@@ -285,7 +290,8 @@ def sample_calibration(texts, tokenizer, nsamples, seqlen, seed):
     if not texts:
         raise DataError("texts is empty: no documents to sample calibration data from")
     rng = random.Random(seed)
-    cache = _TokenCache(texts, tokenizer, seqlen)
+    if cache is None or cache.texts is not texts or cache.tokenizer is not tokenizer or cache.seqlen != seqlen:
+        cache = TokenCache(texts, tokenizer, seqlen)
     for start in range(0, len(texts), _TOKENIZE_BATCH):
         cache.scan(range(start, min(start + _TOKENIZE_BATCH, len(texts))))
         if len(cache.long) >= nsamples:
