@@ -35,7 +35,10 @@ from admm_prune.reference.options import SolverOptions, option
 from . import data as data_mod
 from . import methods as methods_mod
 from . import models as models_mod
-from .config import DTYPES, MIN_SEQLEN, CalibOptions, ModelOptions, PipelineError, PruneConfig, positive_int, resolve_device
+from .config import (
+    DTYPES, MIN_SEQLEN, CalibOptions, ModelOptions, PipelineError, PruneConfig, ReconstructOptions, positive_int,
+    resolve_device,
+)
 from .evaluate import linear_sparsity, load_eval_windows, perplexity, prepare_report_out
 from .pipeline import prune_model
 from .report import PHASES, mean_layer_error, phase_totals, versions, write_atomic
@@ -49,14 +52,14 @@ PEER_TARGETS = [r"re:.*self_attn\.(q|k|v|o)_proj$", r"re:.*mlp\.(gate|up|down)_p
 
 
 @dataclass(frozen=True)
-class BenchConfig(SolverOptions, CalibOptions, ModelOptions):
+class BenchConfig(ReconstructOptions, SolverOptions, CalibOptions, ModelOptions):
     """Every method x setting on one model, on the same calibration and evaluation windows.
 
     The solver settings are `SolverOptions`' (shared by every run); `methods` and `settings`
     vary the method, sparsity and pattern (`VARIED`, not flags of their own)."""
 
     VARIED: ClassVar[tuple[str, ...]] = ("method", "sparsity", "pattern", "sparsity_profile", "offload_activations",
-                                         "seed")
+                                         "seed")  # reconstruct_steps: the steps of +reconstruct variants
 
     methods: tuple[str, ...] = option(("wanda", "sparsegpt", "admm", "admm-grad"),
                                       "comma-separated methods (see the list above); each may carry variants "
@@ -85,7 +88,9 @@ class BenchConfig(SolverOptions, CalibOptions, ModelOptions):
         if not self.settings:
             raise PipelineError("settings is empty; name at least one, e.g. 0.5 or 2:4", field="settings")
         for m in self.methods:
-            parse_variant(m)
+            if parse_variant(m)[1].get("reconstruct_steps", 0) is None and not self.reconstruct_steps:
+                raise PipelineError(f"methods: {m} needs reconstruct_steps > 0 (or +reconstructK)",
+                                    field="reconstruct_steps")
         for m in self.peer_methods:
             if m not in PEER_METHODS:
                 raise PipelineError(f"peer_methods: unknown method {m!r}; choose from {PEER_METHODS}",
@@ -120,9 +125,11 @@ class BenchConfig(SolverOptions, CalibOptions, ModelOptions):
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(PruneConfig)
                   if f.name in self.__dataclass_fields__ and f.name not in ("eval", "eval_split", "eval_seqlen",
                                                                              "eval_windows", "out", "progress")}
+        if overrides.get("reconstruct_steps", 0) is None:
+            overrides = {**overrides, "reconstruct_steps": self.reconstruct_steps}
         return PruneConfig(**{**shared, "method": method, "sparsity": sparsity, "pattern": pattern,
                               "sparsity_profile": "uniform", "eval": None, "progress": False, "seed": seed,
-                              **overrides})
+                              "reconstruct_steps": 0, **overrides})
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -130,7 +137,8 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
     Suffixes: ``owl`` (sparsity_profile owl with the bench's owl_m/owl_lambda), ``polishK``
     (K PCG steps of the finish on the final support), ``itersK`` (K ADMM iterations, with
-    round(0.75 K) mask steps as the paper's 15 of 20)."""
+    round(0.75 K) mask steps as the paper's 15 of 20), ``reconstruct`` (block reconstruction
+    with the bench's reconstruct_steps/lr/batch) or ``reconstructK`` (K steps)."""
     method, *extras = spec.split("+")
     if method not in methods_mod.names():
         raise PipelineError(f"methods: unknown method {method!r} in {spec!r}; choose from {methods_mod.names()}",
@@ -145,9 +153,11 @@ def parse_variant(spec: str) -> tuple[str, dict]:
             overrides["polish_iters"] = int(digits)
         elif name == "iters" and digits.isdigit() and int(digits) > 0:
             overrides.update(iters=int(digits), mask_steps=round(0.75 * int(digits)))
+        elif name == "reconstruct" and (digits == "" or (digits.isdigit() and int(digits) > 0)):
+            overrides["reconstruct_steps"] = int(digits) if digits else None  # None: the bench's steps
         else:
-            raise PipelineError(f"methods: unknown variant {extra!r} in {spec!r}; use +owl, +polishK or +itersK",
-                                field="methods")
+            raise PipelineError(f"methods: unknown variant {extra!r} in {spec!r}; use +owl, +polishK, +itersK, "
+                                f"+reconstruct or +reconstructK", field="methods")
     return method, overrides
 
 
@@ -285,9 +295,10 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
         errors = []
         with _PeakMemory(device) as mem:
             start = time.perf_counter()
+            recon = []
             if impl == "admm-prune":
                 phases = []
-                records, _ = prune_model(model, calib_ids, pcfg, phases=phases)
+                records, _ = prune_model(model, calib_ids, pcfg, phases=phases, reconstruction=recon)
                 errors = [r.error_pruned for r in records]
             else:
                 _llmcompressor_prune(model, tokenizer, calib_ids, method, sparsity, pattern)
@@ -298,6 +309,8 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
                "phase_seconds": phase_totals(phases) if impl == "admm-prune" else None,
                "peak_memory_gib": mem.gib, "linear_sparsity": linear_sparsity(model),
                "mean_layer_error": mean_layer_error(errors),
+               "block_output_error": ({"before": mean_layer_error(r["error_before"] for r in recon),
+                                       "after": mean_layer_error(r["error_after"] for r in recon)} if recon else None),
                "perplexity": perplexity(model, windows, desc=f"{impl} {method} {setting} seed {seed}", **eval_kw)}
         log.info("%s", run)
         result["runs"].append(run)

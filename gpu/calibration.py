@@ -115,7 +115,7 @@ def _glibc():
 _LIBC = _glibc()
 
 
-def _block_output(out):
+def block_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -124,7 +124,7 @@ def run_block(block, hiddens: torch.Tensor, kwargs: dict, device, out: torch.Ten
     """Apply one block to every sample (batch 1); results written into `out` (or a new tensor)."""
     out = torch.empty_like(hiddens) if out is None else out
     for i in range(hiddens.shape[0]):
-        out[i:i + 1] = _block_output(block(hiddens[i:i + 1].to(device), **kwargs)).to(out.device)
+        out[i:i + 1] = block_output(block(hiddens[i:i + 1].to(device), **kwargs)).to(out.device)
     return out
 
 

@@ -10,6 +10,7 @@ user value lives here (the engine below trusts them), and errors name the config
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
@@ -88,7 +89,26 @@ class CalibOptions(Options):
 
 
 @dataclass(frozen=True)
-class PruneConfig(SolverOptions, CalibOptions, ModelOptions):
+class ReconstructOptions(Options):
+    """Block reconstruction after pruning (`reconstruct.py`): off unless steps > 0."""
+
+    reconstruct_steps: int = option(0, "after each block is pruned, tune its kept weights (masks fixed) for N Adam "
+                                       "steps towards the dense model's block outputs (0: off, the paper's method)",
+                                    metavar="N")
+    reconstruct_lr: float = option(1e-4, "Adam's learning rate of the block reconstruction")
+    reconstruct_batch: int = option(8, "calibration windows per reconstruction step (per rank)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive_int("reconstruct_steps", self.reconstruct_steps, minimum=0)
+        positive_int("reconstruct_batch", self.reconstruct_batch)
+        lr = self.reconstruct_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise PipelineError(f"reconstruct_lr must be a finite number > 0, got {lr!r}", field="reconstruct_lr")
+
+
+@dataclass(frozen=True)
+class PruneConfig(ReconstructOptions, SolverOptions, CalibOptions, ModelOptions):
     """Everything a pruning run needs; the CLI only parses flags into this.
 
     Defaults follow the paper: ADMM-Grad at 50 %, 128 calibration windows of 2048 tokens
@@ -142,8 +162,8 @@ class PruneConfig(SolverOptions, CalibOptions, ModelOptions):
     @property
     def needs_calibration(self) -> bool:
         """A method that reads only the weights needs no calibration data and no block
-        forwards (unless OWL's per-block targets ask for the dense activations)."""
-        return self.spec.needs != "weights" or self.sparsity_profile == "owl"
+        forwards (unless OWL's per-block targets or the block reconstruction ask for activations)."""
+        return self.spec.needs != "weights" or self.sparsity_profile == "owl" or self.reconstruct_steps > 0
 
     def engine_solver_kwargs(self) -> dict:
         """The keyword arguments of `prune_shared` the engine uses: the solver options, no
@@ -154,8 +174,10 @@ class PruneConfig(SolverOptions, CalibOptions, ModelOptions):
     def fingerprint(self) -> dict:
         """The fields that decide the pruned weights: a resumed run must match them all."""
         keep = [f.name for f in dataclasses.fields(SolverOptions) if not f.name.startswith("owl_")]
-        keep += ["calib", "nsamples", "seqlen", "seed", "dtype", "true_sequential", "num_blocks", "allow_tf32",
-                 "targets", "ignore"]
+        keep += ["calib", "nsamples", "seqlen", "seed", "dtype", "true_sequential", "num_blocks", "allow_tf32"]
+        keep += [k for k in ("targets", "ignore") if getattr(self, k)]  # set only when used: older folders resume
+        if self.reconstruct_steps:
+            keep += [f.name for f in dataclasses.fields(ReconstructOptions)]
         owl = ["owl_m", "owl_lambda"] if self.sparsity_profile == "owl" else []
         return {k: getattr(self, k) for k in keep + owl}
 

@@ -55,6 +55,7 @@ from .context import RunContext, this_rank_device
 from .distributed import current
 from .evaluate import load_eval_windows, naming, perplexity
 from .output import OutputPlan, after_failure, assemble, extras_writer
+from .reconstruct import DenseStream, ReconstructionRecord, reconstruct_block
 from .report import LinearRecord, PhaseTimer, PruneReport, mean_layer_error, peak_memory, versions
 from .sources import BlockSource, InMemoryModel, StagedBlocks, as_source, block_state_dict, open_model, rest_state_dict
 from .staging import Staging, start_staging
@@ -69,7 +70,7 @@ class RunInterrupted(KeyboardInterrupt):
 def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callback: Callable | None = None,
                 staging: Staging | None = None, targets: list[float] | None = None,
                 phases: list | None = None, ctx: RunContext | None = None,
-                ) -> tuple[list[LinearRecord], list[float]]:
+                reconstruction: list | None = None) -> tuple[list[LinearRecord], list[float]]:
     """Prune the decoder blocks of `model` (a model in memory, pruned in place, or a block
     source such as `sources.StreamedModel`), one block at a time.
 
@@ -80,7 +81,9 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
     pruned block's seconds per phase (`report.PhaseTimer`). Returns one record per pruned linear and
     the seconds each block took. `callback(block_idx, name, W_dense, XtX, result)` is called
     after each linear (XtX is None for magnitude). `ctx`: the run's context (default: computed
-    from `cfg` in this process).
+    from `cfg` in this process). With ``cfg.reconstruct_steps`` each pruned block's kept weights
+    are then tuned towards the dense model's block outputs (`reconstruct.py`); `reconstruction`,
+    when given, gets each block's `ReconstructionRecord` as a dict.
     """
     source = as_source(model)
     ctx = ctx or RunContext.of(cfg, source)
@@ -89,25 +92,39 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
     done = dist.broadcast_object(staging.finished if staging is not None else {})  # rank 0 stages
     if targets is None:
         targets = block_targets(source, calib_ids, cfg, ctx)["targets"]
-    inps = kwargs = outs = None
-    if cfg.spec.needs != "weights":
+    inps = kwargs = outs = dense = None
+    if cfg.spec.needs != "weights" or cfg.reconstruct_steps:
         inps, kwargs = capture_block_inputs(source.model, dist.share(calib_ids), device, store, cfg.progress)
         outs = torch.empty_like(inps) if nblocks > 1 else None  # only forwards between pruned blocks
+        dense = DenseStream(inps, kwargs, device) if cfg.reconstruct_steps else None  # its targets
     records, block_seconds = [], []
     bar = tqdm(range(source.num_blocks), desc=f"prune {cfg.method}", disable=not cfg.progress)
     for i in bar:
         t0 = time.perf_counter()
         timer = PhaseTimer(device)
+        if dense is not None and i in done and i < nblocks:  # resumed: the dense block from the source
+            with source.block(i) as dense_block, visiting([dense_block], device), timer("forward"):
+                dense.advance(dense_block)
         with contextlib.ExitStack() as stack:
             with timer("load"):
                 staged = dist.broadcast_object(staging.read_block(i) if i in done and dist.main else None)
                 block = stack.enter_context(source.block(i, tensors=staged))
                 stack.enter_context(visiting([block], device))
+            recon = done[i].get("reconstruction") if i in done else None
             if i in done:  # pruned before the interruption: its forward only
                 recs = [LinearRecord(**r) for r in done[i]["records"]]
+            elif i < nblocks:
+                if dense is not None:
+                    with timer("forward"):
+                        dense.advance(block)  # D_{i+1}, before the block is pruned
+                recs = prune_block(block, i, inps, kwargs, cfg, targets[i], device, callback, timer, dist)
+                if dense is not None:
+                    with timer("reconstruct"):
+                        recon = asdict(_reconstruct(block, i, recs, inps, dense, kwargs, cfg, ctx))
             else:
-                recs = (prune_block(block, i, inps, kwargs, cfg, targets[i], device, callback, timer, dist)
-                        if i < nblocks else [])
+                recs = []
+            if reconstruction is not None and recon is not None:
+                reconstruction.append(recon)
             if inps is not None and i < nblocks - 1:  # the next block's inputs (none after the last)
                 with timer("forward"):
                     run_block(block, inps, kwargs, device, outs)
@@ -117,7 +134,7 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
                 with timer("write"):
                     staging.write_block(i, block_state_dict(block, i), {
                         "records": [asdict(r) for r in recs], "seconds": time.perf_counter() - t0,
-                        "phases": _exclusive(timer.seconds)})
+                        "phases": _exclusive(timer.seconds), **({"reconstruction": recon} if recon else {})})
             seconds = done[i]["seconds"] if i in done else time.perf_counter() - t0
         release_memory(device)
         if i < nblocks:
@@ -130,6 +147,17 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
             log.info("block %d: %.1f s%s, mean layer error %s", i, seconds, " (resumed)" if i in done else "",
                      "not measured" if err is None else f"{err:.5f}")
     return records, block_seconds
+
+
+def _reconstruct(block, i: int, recs: list[LinearRecord], inps, dense: DenseStream, kwargs, cfg: PruneConfig,
+                 ctx: RunContext) -> ReconstructionRecord:
+    """Block i's reconstruction (its pruned linears tuned, masks fixed), logged."""
+    rec = reconstruct_block(block, i, [r.name for r in recs], inps, dense.targets, kwargs, ctx.device,
+                            steps=cfg.reconstruct_steps, lr=cfg.reconstruct_lr, batch=cfg.reconstruct_batch,
+                            seed=cfg.seed, dist=ctx.dist)
+    log.info("block %d reconstruction: output error %.5f -> %.5f (%d steps, %.1f s)", i, rec.error_before,
+             rec.error_after, rec.steps, rec.seconds)
+    return rec
 
 
 def _exclusive(seconds: dict) -> dict:
@@ -272,7 +300,8 @@ def _prune(source: BlockSource, calib_ids, cfg: PruneConfig, callback: Callable 
     t0 = time.perf_counter()
     report.block_sparsity = block_targets(source, calib_ids, cfg, ctx)
     records, report.block_seconds = prune_model(source, calib_ids, cfg, callback, staging,
-                                                report.block_sparsity["targets"], report.block_phases, ctx)
+                                                report.block_sparsity["targets"], report.block_phases, ctx,
+                                                report.block_reconstruction if cfg.reconstruct_steps else None)
     report.prune_seconds = time.perf_counter() - t0
     report.linears = [asdict(r) for r in records]
     report.block_sparsity["achieved"] = achieved_block_sparsity(records)

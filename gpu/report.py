@@ -57,7 +57,7 @@ class PhaseTimer:
 
 
 NO_TIMER = PhaseTimer(enabled=False)
-PHASES = ("load", "forward", "gram", "share", "solve", "errors", "write")
+PHASES = ("load", "forward", "gram", "share", "solve", "errors", "reconstruct", "write")
 
 
 def phase_totals(blocks: list[dict]) -> dict[str, float]:
@@ -81,6 +81,7 @@ class PruneReport:
     block_seconds: list = field(default_factory=list)
     block_phases: list = field(default_factory=list)  # per block: seconds of load/forward/gram/solve/errors/write
     resumed_blocks: list = field(default_factory=list)  # blocks taken from an interrupted run
+    block_reconstruction: list = field(default_factory=list)  # per block: error_before/after, steps, seconds
     total_seconds: float = 0.0
     prune_seconds: float = 0.0
     peak_memory: dict = field(default_factory=dict)
@@ -95,6 +96,10 @@ class PruneReport:
             "prune_seconds": self.prune_seconds,
             "phase_seconds": phase_totals(self.block_phases),
             "resumed_blocks": len(self.resumed_blocks),
+            **({"reconstruction_error": {
+                "before": mean_layer_error(r["error_before"] for r in self.block_reconstruction),
+                "after": mean_layer_error(r["error_after"] for r in self.block_reconstruction)}}
+               if self.block_reconstruction else {}),
         }
 
 

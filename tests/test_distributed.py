@@ -22,15 +22,18 @@ SCRIPT = textwrap.dedent("""
     from admm_prune.gpu import distributed, pipeline
     from admm_prune.gpu.config import PruneConfig
     ck, calib, evalf, out, method, profile = sys.argv[1:7]
+    steps = int(sys.argv[7]) if len(sys.argv) > 7 else 0
     dist = distributed.init_from_env("cpu") if distributed.launched_by_torchrun() else distributed.current()
     try:
         cfg = PruneConfig(model=ck, calib=calib, eval=evalf, eval_windows=4, nsamples=6, seqlen=32,
                           iters=6, mask_steps=4, method=method, device="cpu", progress=False,
-                          out=out, layer_errors=True, sparsity_profile=profile)
+                          out=out, layer_errors=True, sparsity_profile=profile,
+                          reconstruct_steps=steps, reconstruct_lr=1e-4, reconstruct_batch=2)
         report = pipeline.run_prune(cfg)
         print("REPORT", json.dumps({"rank": dist.rank, "world": report.world_size,
                                     "errors": [r["error_pruned"] for r in report.linears],
-                                    "perplexity": report.perplexity, "targets": report.block_sparsity}))
+                                    "perplexity": report.perplexity, "targets": report.block_sparsity,
+                                    "recon": report.block_reconstruction}))
     finally:
         distributed.finish(dist)
 """)
@@ -46,12 +49,12 @@ def setup(tmp_path_factory):
     return d
 
 
-def _run(d, n, out, method, profile="uniform"):
+def _run(d, n, out, method, profile="uniform", steps=0):
     """`n` torchrun ranks (n > 1) or one plain process, each at one thread."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)] if n > 1 else []
     cmd = [sys.executable, *launch, str(d / "run.py"), str(d / "ck"), str(d / "calib.jsonl"), str(d / "eval.txt"),
-           str(out), method, profile]
+           str(out), method, profile, str(steps)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line.split("REPORT ", 1)[1]) for line in proc.stdout.splitlines() if "REPORT " in line]
@@ -83,6 +86,19 @@ def test_two_ranks_prune_what_one_process_prunes(setup, tmp_path, method, profil
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert report["world_size"] == 2
     assert not list(tmp_path.glob(".two*")), "rank 0 alone staged, and cleaned up"
+
+
+def test_two_ranks_reconstruct_with_summed_gradients(setup, tmp_path):
+    """With block reconstruction each rank draws its minibatches from its own windows and the
+    gradients are summed: both ranks take the same steps, so they report the same errors and
+    rank 0 writes a checkpoint whose blocks are the tuned ones."""
+    reports = _run(setup, 2, tmp_path / "two", "admm-grad", steps=4)
+    recon = reports[0]["recon"]
+    same = [{k: v for k, v in r.items() if k != "seconds"} for r in recon]
+    assert len(recon) == 3 and [{k: v for k, v in r.items() if k != "seconds"} for r in reports[1]["recon"]] == same
+    assert all(r["error_after"] < r["error_before"] and not r["reverted"] for r in recon), recon
+    saved = json.loads((tmp_path / "two" / "report.json").read_text())["block_reconstruction"]
+    assert [r["error_after"] for r in saved] == [r["error_after"] for r in recon]
 
 
 def test_assignment_balances_cost():

@@ -1,0 +1,136 @@
+"""Block reconstruction after pruning: the kept weights of a pruned block tuned so that its
+outputs match the dense model's, with the masks fixed (EBFT-style, Guo et al. 2024).
+
+The layer-wise problem ADMM solves is min ||X W^T - X W^^T||^2 per linear, on the inputs X the
+*pruned* model gives that linear. What it leaves is the error a pruned block hands on to the
+next: the block's output error. Here, after a block is pruned,
+
+    min over the kept weights  sum_windows ||block^(H_i) - D_{i+1}||^2,   W^ = W^ * M fixed
+
+where H_i is the pruned model's input to block i (the tuned blocks before it) and D_{i+1} the
+dense model's hidden state after block i, on the same calibration windows (`DenseStream`).
+Adam on minibatches of windows; the pruned entries stay exactly zero (their gradients are
+masked and the weights multiplied by the mask after every step). Every rank uses its own
+windows and the gradients are summed over the ranks, so every rank takes the same step.
+
+Plumbing, not math: it runs a module forward and backward. The engine calls it between the
+prune and the next block's forward (`pipeline.prune_model`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .calibration import block_output, run_block
+from .distributed import Dist
+
+
+@dataclass(frozen=True)
+class ReconstructionRecord:
+    """One block's reconstruction: relative output errors sum ||Y^ - D||^2 / sum ||D||^2 over
+    every calibration window, before and after the tuning, and its cost."""
+
+    block: int
+    error_before: float
+    error_after: float
+    steps: int
+    seconds: float
+    reverted: bool = False  # the tuning did not lower the error: the pruned weights were kept
+
+
+class DenseStream:
+    """The dense model's hidden states on the calibration windows, one block ahead of time:
+    `advance(block)` runs the dense block i over them in place (before it is pruned), so
+    `targets` then holds D_{i+1}, the reconstruction's targets for block i."""
+
+    def __init__(self, inps: torch.Tensor, kwargs: dict, device):
+        self.targets, self.kwargs, self.device = inps.clone(), kwargs, device
+
+    @torch.no_grad()
+    def advance(self, dense_block) -> None:
+        run_block(dense_block, self.targets, self.kwargs, self.device, self.targets)  # sample i read, then written
+
+
+@torch.no_grad()
+def output_error(block, inps: torch.Tensor, targets: torch.Tensor, kwargs: dict, device, dist: Dist) -> float:
+    """sum ||block(X) - D||^2 / sum ||D||^2 over every window (summed over the ranks)."""
+    num = torch.zeros((), dtype=torch.float64, device=device)
+    den = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(inps.shape[0]):
+        y = block_output(block(inps[i:i + 1].to(device), **kwargs)).double()
+        d = targets[i:i + 1].to(device).double()
+        num += (y - d).square().sum()
+        den += d.square().sum()
+    num, den = dist.sum_(num), dist.sum_(den)
+    return float(num / den) if float(den) > 0 else float(num)
+
+
+def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, targets: torch.Tensor,
+                      kwargs: dict, device, *, steps: int, lr: float, batch: int, seed: int,
+                      dist: Dist = Dist()) -> ReconstructionRecord:
+    """Tune the weights of the linears `names` of `block` (pruned, on `device`) in place, masks
+    fixed, for `steps` Adam steps of `batch` windows each (per rank), towards `targets`.
+
+    The weights are tuned in float32 (a half-precision block is lifted for the tuning and cast
+    back); everything else in the block stays frozen. If the tuned block's output error is not
+    below the pruned block's (a step size too large for this block), the pruned weights are put
+    back and the record says ``reverted``. The minibatches are drawn from
+    ``torch.Generator`` seeded by (`seed`, `index`): the same windows every run."""
+    t0 = time.perf_counter()
+    before = output_error(block, inps, targets, kwargs, device, dist)
+    dtype = next(block.parameters()).dtype
+    weights = [block.get_submodule(n).weight for n in names]
+    masks = [(w != 0) for w in weights]
+    start = [w.detach().clone() for w in weights]
+    with _trainable(block, weights, dtype):
+        opt = torch.optim.Adam(weights, lr=lr)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        n = inps.shape[0]
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=False)
+            picks = torch.randperm(n, generator=gen)[:batch].tolist()
+            for j in picks:  # one window at a time: the block's kwargs are made for batch 1
+                y = block_output(block(inps[j:j + 1].to(device).float(), **kwargs))
+                loss = (y - targets[j:j + 1].to(device).float()).square().mean() / len(picks)
+                loss.backward()
+            for w, m in zip(weights, masks):
+                dist.sum_(w.grad).div_(dist.world).mul_(m)
+            opt.step()
+            with torch.no_grad():
+                for w, m in zip(weights, masks):
+                    w.mul_(m)  # pruned entries exactly zero, whatever the optimizer did
+    after = output_error(block, inps, targets, kwargs, device, dist)
+    reverted = not after < before  # too large a step size overshoots: never hand on a worse block
+    if reverted:
+        with torch.no_grad():
+            for w, w0 in zip(weights, start):
+                w.copy_(w0)
+        after = before
+    return ReconstructionRecord(index, before, after, steps, time.perf_counter() - t0, reverted)
+
+
+@contextlib.contextmanager
+def _trainable(block, weights: list[torch.Tensor], dtype):
+    """`weights` require gradients (and the block computes in float32) for the duration; the
+    block's other parameters are frozen; on exit everything is as it was, cast back to `dtype`."""
+    flags = [(p, p.requires_grad) for p in block.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    if dtype != torch.float32:
+        block.float()
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for w in weights:
+            w.grad = None
+        if dtype != torch.float32:
+            block.to(dtype)
+        for p, flag in flags:
+            p.requires_grad_(flag)

@@ -1,0 +1,167 @@
+"""Block reconstruction (`--reconstruct-steps`): masks fixed, pruned entries exactly zero, every
+block's output error falls, and it streams, resumes, reports and runs in the bench like the
+rest of the engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from synth import write_corpus  # noqa: E402
+
+from admm_prune.gpu import bench, cli, models, pipeline  # noqa: E402
+from admm_prune.gpu.config import PruneConfig  # noqa: E402
+from admm_prune.gpu.reconstruct import DenseStream, output_error, reconstruct_block  # noqa: E402
+from admm_prune.reference.errors import AdmmPruneError  # noqa: E402
+
+RECON = dict(reconstruct_steps=12, reconstruct_lr=1e-3, reconstruct_batch=3)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"), seed=2)
+
+
+def _cfg(corpus, **kw):
+    base = dict(calib=str(corpus / "calib.jsonl"), eval=None, nsamples=6, seqlen=32, iters=6, mask_steps=4,
+                sparsity=0.7, device="cpu", progress=False)
+    return PruneConfig(**{**base, **kw})
+
+
+def _save(tmp, **overrides):
+    model, tok = models.tiny_model("llama", **overrides)
+    model.save_pretrained(tmp / "ck")
+    tok.save_pretrained(tmp / "ck")
+    return tmp / "ck"
+
+
+def _weights(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method, profile", [("admm-grad", "uniform"), ("wanda", "owl"), ("magnitude", "uniform"),
+                                             ("sparsegpt", "uniform")])
+def test_masks_fixed_and_every_block_output_error_falls(corpus, method, profile):
+    model, tok = models.tiny_model("llama", num_hidden_layers=3)
+    dense, _ = models.tiny_model("llama", num_hidden_layers=3)
+    pruned = {}  # what the method gave, before the reconstruction
+
+    def keep(block, name, W, XtX, res):
+        pruned[f"model.layers.{block}.{name}.weight"] = res.W.clone()
+
+    report = pipeline.run_prune(_cfg(corpus, method=method, sparsity_profile=profile, **RECON),
+                                model=model, tokenizer=tok, callback=keep)
+    recs = report.block_reconstruction
+    assert [r["block"] for r in recs] == [0, 1, 2] and all(r["steps"] == 12 for r in recs)
+    assert all(r["error_after"] < r["error_before"] for r in recs), recs
+    tuned = dict(model.named_parameters())
+    assert len(pruned) == 21
+    for name, p in dense.named_parameters():
+        if name in pruned:
+            assert torch.equal(tuned[name] == 0, pruned[name] == 0), f"{name}: the mask moved"
+            assert not torch.equal(tuned[name], pruned[name]), f"{name}: not tuned"
+        else:
+            assert torch.equal(tuned[name], p), f"{name} is not a pruned linear's weight, yet changed"
+    assert report.summary()["reconstruction_error"]["after"] < report.summary()["reconstruction_error"]["before"]
+
+
+def test_reconstruct_block_leaves_its_inputs_alone_and_is_seeded():
+    model, _ = models.tiny_model("llama", num_hidden_layers=1)
+    block = model.model.layers[0]
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 64)
+    pos = model.model.rotary_emb(x, torch.arange(16)[None])
+    kwargs = {"position_embeddings": pos, "attention_mask": None}
+    dense = DenseStream(x, kwargs, "cpu")
+    dense.advance(block)
+    with torch.no_grad():
+        for lin in (block.mlp.up_proj, block.self_attn.q_proj):
+            lin.weight.mul_(torch.rand_like(lin.weight) > 0.5)
+    start = {k: v.clone() for k, v in block.state_dict().items()}
+    x0, t0 = x.clone(), dense.targets.clone()
+    runs = []
+    for _ in range(2):
+        block.load_state_dict(start)
+        runs.append(reconstruct_block(block, 0, ["mlp.up_proj", "self_attn.q_proj"], x, dense.targets, kwargs,
+                                      "cpu", steps=5, lr=1e-3, batch=2, seed=7))
+        runs.append({k: v.clone() for k, v in block.state_dict().items()})
+    assert torch.equal(x, x0) and torch.equal(dense.targets, t0)
+    assert runs[0].error_after == runs[2].error_after and all(torch.equal(runs[1][k], runs[3][k]) for k in start)
+    assert runs[0].error_before == pytest.approx(output_error(
+        _with(block, start), x, dense.targets, kwargs, "cpu", pipeline.current()))
+    assert torch.equal(runs[1]["mlp.down_proj.weight"], start["mlp.down_proj.weight"])  # not named: untouched
+
+
+def _with(block, state):
+    block.load_state_dict(state)
+    return block
+
+
+def test_streamed_equals_in_memory_and_resume_equals_uninterrupted(corpus, tmp_path):
+    ck = _save(tmp_path, num_hidden_layers=4)
+    full = tmp_path / "full"
+    report = pipeline.run_prune(_cfg(corpus, model=str(ck), out=str(full), **RECON))
+    assert len(report.block_reconstruction) == 4
+    saved = json.loads((full / "report.json").read_text())["block_reconstruction"]
+    assert [r["error_after"] for r in saved] == [r["error_after"] for r in report.block_reconstruction]
+    model, tok = models.tiny_model("llama", num_hidden_layers=4)
+    pipeline.run_prune(_cfg(corpus, **RECON), model=model, tokenizer=tok)
+    streamed = _weights(full)
+    assert all(torch.equal(streamed[k], v) for k, v in model.state_dict().items()), "streamed == in memory"
+
+    def stop(block, name, *args):
+        if block == 2 and name == "mlp.down_proj":
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(pipeline.RunInterrupted):
+        pipeline.run_prune(_cfg(corpus, model=str(ck), out=str(out), **RECON), callback=stop)
+    resumed = pipeline.run_prune(_cfg(corpus, model=str(ck), out=str(out), resume=True, **RECON))
+    assert resumed.resumed_blocks == [0, 1]
+    assert [r["error_after"] for r in resumed.block_reconstruction] == [r["error_after"] for r in saved]
+    got = _weights(out)
+    assert all(torch.equal(got[k], v) for k, v in streamed.items()), "resumed == uninterrupted"
+    again = tmp_path / "again"
+    with pytest.raises(pipeline.RunInterrupted):
+        pipeline.run_prune(_cfg(corpus, model=str(ck), out=str(again), **RECON), callback=stop)
+    with pytest.raises(AdmmPruneError, match="reconstruct_steps was 12, now 5"):
+        pipeline.run_prune(_cfg(corpus, model=str(ck), out=str(again), resume=True,
+                                **{**RECON, "reconstruct_steps": 5}))
+
+
+def test_bench_variant_and_cli_flags(corpus, tmp_path):
+    model, tok = models.tiny_model("llama")
+    cfg = bench.BenchConfig(calib=str(corpus / "calib.jsonl"), eval=str(corpus / "eval.txt"), nsamples=4,
+                            seqlen=32, eval_seqlen=64, eval_windows=2, settings=("0.7",), peers=(),
+                            methods=("admm-grad", "admm-grad+reconstruct6"), baseline_method="admm-grad",
+                            iters=4, mask_steps=2, device="cpu", progress=False, reconstruct_lr=1e-3)
+    res = bench.run_bench(cfg, model=model, tokenizer=tok)
+    plain, tuned = res["runs"]
+    assert plain["block_output_error"] is None
+    assert tuned["block_output_error"]["after"] < tuned["block_output_error"]["before"]
+    assert tuned["phase_seconds"]["reconstruct"] > 0
+    with pytest.raises(AdmmPruneError, match="reconstruct_steps"):
+        bench.BenchConfig(methods=("admm-grad+reconstruct",))
+    args = cli.build_parser().parse_args(["prune", "--reconstruct-steps", "64", "--reconstruct-lr", "1e-4"])
+    assert args.reconstruct_steps == 64 and args.reconstruct_lr == 1e-4
+    for bad in (dict(reconstruct_steps=-1), dict(reconstruct_lr=0.0), dict(reconstruct_batch=0)):
+        with pytest.raises(AdmmPruneError, match=next(iter(bad))):
+            PruneConfig(**bad)
+
+
+def test_a_step_size_that_overshoots_keeps_the_pruned_block(corpus):
+    model, tok = models.tiny_model("llama", num_hidden_layers=2)
+    pruned = {}
+
+    def keep(block, name, W, XtX, res):
+        pruned[f"model.layers.{block}.{name}.weight"] = res.W.clone()
+
+    report = pipeline.run_prune(_cfg(corpus, reconstruct_steps=3, reconstruct_lr=10.0), model=model, tokenizer=tok,
+                                callback=keep)
+    assert all(r["reverted"] and r["error_after"] == r["error_before"] for r in report.block_reconstruction)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[k], w) for k, w in pruned.items())
