@@ -1,4 +1,17 @@
-"""Exact solutions and error measures: the oracles the tests and the tutorial compare with."""
+"""Exact solutions and error measures: the oracles the tests and the tutorial compare with.
+
+What this module measures is the layer-wise objective, the paper's: for one linear,
+||X W^T - X W^^T||^2 on the inputs X the pruned model gives it (`reconstruction_error`), and
+its exact minimizer on a fixed mask (`masked_lstsq`). The engine can go past it with block
+reconstruction (``admm_prune.gpu.reconstruct``, torch autograd only, no NumPy twin): after a
+block is pruned its kept weights are tuned, masks fixed, toward
+
+    min over W^_l = W^_l * M_l of  sum over windows ||block_W^(H^_i) - D_{i+1}||^2
+
+with H^_i the pruned model's input to block i and D_{i+1} the dense model's hidden state
+after block i. Its target is the dense model's output, not the dense weights applied to
+damaged inputs, and it couples the block's linears: tutorial chapter 9 shows why both matter.
+"""
 
 from __future__ import annotations
 

@@ -28,8 +28,9 @@ PLOTS = {
     "06_reference_vs_gpu": ["06_reference_vs_gpu.png"],
     "07_whole_model": ["07_layer_errors.png"],
     "08_beyond_the_paper": ["08_finish.png", "08_owl_profile.png", "08_owl_model.png"],
+    "09_block_reconstruction": ["09_block_errors.png"],
 }
-NEEDS_TORCH = {"06_reference_vs_gpu", "07_whole_model", "08_beyond_the_paper"}
+NEEDS_TORCH = {"06_reference_vs_gpu", "07_whole_model", "08_beyond_the_paper", "09_block_reconstruction"}
 
 
 def _has(module: str) -> bool:
