@@ -127,7 +127,11 @@ with torch.no_grad():
 pruned = {k: v.clone() for k, v in block.state_dict().items()}
 steps, lr, batch, seed = (10, 3e-3, 4, 0) if FAST else (60, 1e-3, 8, 0)
 
-# by hand
+# %% [markdown]
+# By hand: freeze the block, let only the seven weights learn, draw each step's windows from
+# a seeded generator (the library's own seeding), and multiply by the masks after each step.
+
+# %%
 weights = [block.get_submodule(name).weight for name in names]
 masks = [w != 0 for w in weights]
 for p in block.parameters():
@@ -152,7 +156,10 @@ for w in weights:
     w.requires_grad_(False)
 by_hand = {k: v.clone() for k, v in block.state_dict().items()}
 
-# the library
+# %% [markdown]
+# The library, from the same pruned block: the same weights, the masks unmoved, the error down.
+
+# %%
 block.load_state_dict(pruned)
 rec = reconstruct_block(block, 0, names, H, dense.targets, kwargs, "cpu", steps=steps, lr=lr, batch=batch, seed=seed)
 for k, v in block.state_dict().items():
@@ -211,6 +218,7 @@ print("block output error before:", np.round(before, 4))
 print("block output error after: ", np.round(after, 4))
 assert np.all(after <= before)
 
+# %%
 fig, ax = plt.subplots(figsize=(7, 3.5))
 idx = np.arange(len(recs))
 ax.bar(idx - 0.2, before, 0.4, label="after pruning (layer-wise optimum)")
