@@ -118,16 +118,17 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
                     with timer("forward"):
                         dense.advance(block)  # D_{i+1}, before the block is pruned
                 recs = prune_block(block, i, inps, kwargs, cfg, targets[i], device, callback, timer, dist)
-                if dense is not None:
+                if dense is not None:  # its last forward also makes the next block's inputs
                     with timer("reconstruct"):
-                        recon = asdict(_reconstruct(block, i, recs, inps, dense, kwargs, cfg, ctx))
+                        recon = asdict(_reconstruct(block, i, recs, inps, dense, kwargs, cfg, ctx, outs))
             else:
                 recs = []
             if reconstruction is not None and recon is not None:
                 reconstruction.append(recon)
             if inps is not None and i < nblocks - 1:  # the next block's inputs (none after the last)
-                with timer("forward"):
-                    run_block(block, inps, kwargs, device, outs)
+                if i in done or dense is None:
+                    with timer("forward"):
+                        run_block(block, inps, kwargs, device, outs)
                 check_finite(outs, f"block {i} outputs after pruning")
                 inps, outs = outs, inps
             if staging is not None and i not in done:
@@ -150,11 +151,11 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
 
 
 def _reconstruct(block, i: int, recs: list[LinearRecord], inps, dense: DenseStream, kwargs, cfg: PruneConfig,
-                 ctx: RunContext) -> ReconstructionRecord:
-    """Block i's reconstruction (its pruned linears tuned, masks fixed), logged."""
+                 ctx: RunContext, outs) -> ReconstructionRecord:
+    """Block i's reconstruction (its pruned linears tuned, masks fixed; its outputs into `outs`), logged."""
     rec = reconstruct_block(block, i, [r.name for r in recs], inps, dense.targets, kwargs, ctx.device,
                             steps=cfg.reconstruct_steps, lr=cfg.reconstruct_lr, batch=cfg.reconstruct_batch,
-                            seed=cfg.seed, dist=ctx.dist)
+                            seed=cfg.seed, dist=ctx.dist, out=outs)
     log.info("block %d reconstruction: output error %.5f -> %.5f (%d steps, %.1f s)", i, rec.error_before,
              rec.error_after, rec.steps, rec.seconds)
     return rec

@@ -56,14 +56,18 @@ class DenseStream:
 
 
 @torch.no_grad()
-def output_error(block, inps: torch.Tensor, targets: torch.Tensor, kwargs: dict, device, dist: Dist) -> float:
-    """sum ||block(X) - D||^2 / sum ||D||^2 over every window (summed over the ranks)."""
+def output_error(block, inps: torch.Tensor, targets: torch.Tensor, kwargs: dict, device, dist: Dist,
+                 out: torch.Tensor | None = None) -> float:
+    """sum ||block(X) - D||^2 / sum ||D||^2 over every window (summed over the ranks); the
+    block's outputs are also written into `out` when given (the next block's inputs)."""
     num = torch.zeros((), dtype=torch.float64, device=device)
     den = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(inps.shape[0]):
-        y = block_output(block(inps[i:i + 1].to(device), **kwargs)).double()
+        y = block_output(block(inps[i:i + 1].to(device), **kwargs))
+        if out is not None:
+            out[i:i + 1] = y.to(out.device)
         d = targets[i:i + 1].to(device).double()
-        num += (y - d).square().sum()
+        num += (y.double() - d).square().sum()
         den += d.square().sum()
     num, den = dist.sum_(num), dist.sum_(den)
     return float(num / den) if float(den) > 0 else float(num)
@@ -71,7 +75,7 @@ def output_error(block, inps: torch.Tensor, targets: torch.Tensor, kwargs: dict,
 
 def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, targets: torch.Tensor,
                       kwargs: dict, device, *, steps: int, lr: float, batch: int, seed: int,
-                      dist: Dist = Dist()) -> ReconstructionRecord:
+                      dist: Dist = Dist(), out: torch.Tensor | None = None) -> ReconstructionRecord:
     """Tune the weights of the linears `names` of `block` (pruned, on `device`) in place, masks
     fixed, for `steps` Adam steps of `batch` windows each (per rank), towards `targets`.
 
@@ -79,7 +83,9 @@ def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, t
     back); everything else in the block stays frozen. If the tuned block's output error is not
     below the pruned block's (a step size too large for this block), the pruned weights are put
     back and the record says ``reverted``. The minibatches are drawn from
-    ``torch.Generator`` seeded by (`seed`, `index`): the same windows every run."""
+    ``torch.Generator`` seeded by (`seed`, `index`): the same windows every run. `out`: where
+    the final block's outputs on `inps` go (the next block's inputs: the forward that measures
+    the error after the tuning makes them too)."""
     t0 = time.perf_counter()
     before = output_error(block, inps, targets, kwargs, device, dist)
     dtype = next(block.parameters()).dtype
@@ -103,13 +109,13 @@ def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, t
             with torch.no_grad():
                 for w, m in zip(weights, masks):
                     w.mul_(m)  # pruned entries exactly zero, whatever the optimizer did
-    after = output_error(block, inps, targets, kwargs, device, dist)
+    after = output_error(block, inps, targets, kwargs, device, dist, out)
     reverted = not after < before  # too large a step size overshoots: never hand on a worse block
     if reverted:
         with torch.no_grad():
             for w, w0 in zip(weights, start):
                 w.copy_(w0)
-        after = before
+        after = output_error(block, inps, targets, kwargs, device, dist, out)
     return ReconstructionRecord(index, before, after, steps, time.perf_counter() - t0, reverted)
 
 
