@@ -40,15 +40,11 @@ from .config import (
     resolve_device,
 )
 from .evaluate import linear_sparsity, load_eval_windows, perplexity, prepare_report_out
+from .peers import PEER_METHODS, PEERS, llmcompressor_prune, peer_available
 from .pipeline import prune_model
 from .report import PHASES, mean_layer_error, phase_totals, versions, write_atomic
 
 log = logging.getLogger(__name__)
-
-PEERS = ("llmcompressor",)
-PEER_METHODS = ("sparsegpt", "wanda")
-# llm-compressor targets: the same seven linears per block as ours, lm_head excluded
-PEER_TARGETS = [r"re:.*self_attn\.(q|k|v|o)_proj$", r"re:.*mlp\.(gate|up|down)_proj$"]
 
 
 @dataclass(frozen=True)
@@ -217,31 +213,6 @@ def _rss() -> int:
         return 0
 
 
-def peer_available(peer: str) -> str | None:
-    """None if `peer` can run here, else why not."""
-    try:
-        import llmcompressor  # noqa: F401
-    except ImportError as e:
-        return f"not installed ({e}); pip install llmcompressor (needs its own transformers pin)"
-    return None
-
-
-def _llmcompressor_prune(model, tokenizer, calib_ids: torch.Tensor, method: str, sparsity, pattern: str):
-    import datasets
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
-
-    nm = parse_pattern(pattern)
-    n, seqlen = calib_ids.shape
-    ds = datasets.Dataset.from_dict({"input_ids": calib_ids.tolist(), "attention_mask": [[1] * seqlen] * n})
-    modifier = (SparseGPTModifier if method == "sparsegpt" else WandaPruningModifier)(
-        sparsity=sparsity if nm is None else 1 - nm[0] / nm[1],
-        mask_structure="0:0" if nm is None else pattern, targets=PEER_TARGETS)
-    oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=[modifier], num_calibration_samples=n,
-            max_seq_length=seqlen,
-            shuffle_calibration_samples=False)
-
-
 def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
     device = resolve_device(cfg.device)
     if model is None:
@@ -301,7 +272,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
                 records, _ = prune_model(model, calib_ids, pcfg, phases=phases, reconstruction=recon)
                 errors = [r.error_pruned for r in records]
             else:
-                _llmcompressor_prune(model, tokenizer, calib_ids, method, sparsity, pattern)
+                llmcompressor_prune(model, tokenizer, calib_ids, method, sparsity, pattern)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start

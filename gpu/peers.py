@@ -1,0 +1,39 @@
+"""Peer implementations the bench runs on the same windows: llm-compressor's SparseGPT and Wanda
+(vllm-project/llm-compressor's ``oneshot`` with ``SparseGPTModifier``/``WandaPruningModifier``),
+targeting the same seven linears per block as ours, lm_head excluded."""
+
+from __future__ import annotations
+
+import torch
+
+from admm_prune.reference import parse_pattern
+
+PEERS = ("llmcompressor",)
+PEER_METHODS = ("sparsegpt", "wanda")
+# llm-compressor targets: the same seven linears per block as ours, lm_head excluded
+PEER_TARGETS = [r"re:.*self_attn\.(q|k|v|o)_proj$", r"re:.*mlp\.(gate|up|down)_proj$"]
+
+
+def peer_available(peer: str) -> str | None:
+    """None if `peer` can run here, else why not."""
+    try:
+        import llmcompressor  # noqa: F401
+    except ImportError as e:
+        return f"not installed ({e}); pip install llmcompressor (needs its own transformers pin)"
+    return None
+
+
+def llmcompressor_prune(model, tokenizer, calib_ids: torch.Tensor, method: str, sparsity, pattern: str):
+    import datasets
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+    nm = parse_pattern(pattern)
+    n, seqlen = calib_ids.shape
+    ds = datasets.Dataset.from_dict({"input_ids": calib_ids.tolist(), "attention_mask": [[1] * seqlen] * n})
+    modifier = (SparseGPTModifier if method == "sparsegpt" else WandaPruningModifier)(
+        sparsity=sparsity if nm is None else 1 - nm[0] / nm[1],
+        mask_structure="0:0" if nm is None else pattern, targets=PEER_TARGETS)
+    oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=[modifier], num_calibration_samples=n,
+            max_seq_length=seqlen,
+            shuffle_calibration_samples=False)
