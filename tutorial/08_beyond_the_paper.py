@@ -180,26 +180,15 @@ print("OWL targets:", np.round(S_l, 3))
 # bench protocol.
 
 # %%
-import json  # noqa: E402
 
-from common import DATA, OUT  # noqa: E402
+from common import DATA, tiny_workdir  # noqa: E402
 
-from admm_prune.gpu import models, pipeline  # noqa: E402
+from admm_prune.gpu import pipeline  # noqa: E402
 from admm_prune.gpu.config import PruneConfig  # noqa: E402
 from admm_prune.gpu.report import mean_layer_error  # noqa: E402
 
 if FAST:
-    workdir = OUT / "08_tiny"
-    workdir.mkdir(exist_ok=True)
-    tiny, tiny_tok = models.tiny_model("mistral", num_hidden_layers=4)
-    tiny.save_pretrained(workdir / "model")
-    tiny_tok.save_pretrained(workdir / "model")
-    rng = np.random.default_rng(0)
-    words = "the of and to in a is that for it as was with be by on not he this are or his from".split()
-    docs = [" ".join(rng.choice(words, size=int(rng.integers(20, 200)))) for _ in range(40)]
-    (workdir / "calib.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs))
-    (workdir / "eval.txt").write_text("\n".join(docs[:20]))
-    model_path, calib, evalset = str(workdir / "model"), str(workdir / "calib.jsonl"), str(workdir / "eval.txt")
+    model_path, calib, evalset = tiny_workdir("08_tiny", "mistral", layers=4)
     sizes = dict(nsamples=4, seqlen=32, eval_windows=4)
 else:
     model_path = None  # the embedded SmolLM2

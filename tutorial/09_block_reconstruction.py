@@ -109,7 +109,7 @@ import torch  # noqa: E402
 
 from admm_prune.gpu import models  # noqa: E402
 from admm_prune.gpu.calibration import block_output  # noqa: E402
-from admm_prune.gpu.reconstruct import DenseStream, output_error as block_error, reconstruct_block  # noqa: E402
+from admm_prune.gpu.reconstruct import DenseStream, reconstruct_block  # noqa: E402
 
 torch.manual_seed(0)
 model, _ = models.tiny_model("llama", num_hidden_layers=1)
@@ -179,25 +179,14 @@ assert rec.error_after < rec.error_before
 # model; full mode: SmolLM2 at 70 %.
 
 # %%
-import json  # noqa: E402
 
-from common import DATA, OUT  # noqa: E402
+from common import DATA, tiny_workdir  # noqa: E402
 
 from admm_prune.gpu import pipeline  # noqa: E402
 from admm_prune.gpu.config import PruneConfig  # noqa: E402
 
 if FAST:
-    workdir = OUT / "09_tiny"
-    workdir.mkdir(exist_ok=True)
-    tiny, tiny_tok = models.tiny_model("llama", num_hidden_layers=4)
-    tiny.save_pretrained(workdir / "model")
-    tiny_tok.save_pretrained(workdir / "model")
-    rng = np.random.default_rng(0)
-    words = "the of and to in a is that for it as was with be by on not he this are or his from".split()
-    docs = [" ".join(rng.choice(words, size=int(rng.integers(20, 200)))) for _ in range(40)]
-    (workdir / "calib.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs))
-    (workdir / "eval.txt").write_text("\n".join(docs[:20]))
-    model_path, calib, evalset = str(workdir / "model"), str(workdir / "calib.jsonl"), str(workdir / "eval.txt")
+    model_path, calib, evalset = tiny_workdir("09_tiny", "llama", layers=4)
     sizes = dict(nsamples=8, seqlen=32, eval_windows=4, reconstruct_steps=16, reconstruct_lr=3e-4,
                  reconstruct_batch=4)
 else:

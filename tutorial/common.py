@@ -53,3 +53,24 @@ def outlier_layer(seed, d_out, d_in, n_tokens=None, outliers=4):
     X = (rng.normal(size=(n_tokens, d_in)) @ A) * scales
     W = rng.normal(size=(d_out, d_in))
     return W, X.T @ X, X
+
+
+def tiny_workdir(name, arch="llama", layers=4):
+    """Fast mode's stand-in for SmolLM2: a tiny random `arch` model saved in OUT/name/model,
+    with small calibration (calib.jsonl) and evaluation (eval.txt) files of English-like words.
+    Returns (model path, calibration file, evaluation file) as strings."""
+    import json
+
+    from admm_prune.gpu import models
+
+    workdir = OUT / name
+    workdir.mkdir(exist_ok=True)
+    tiny, tiny_tok = models.tiny_model(arch, num_hidden_layers=layers)
+    tiny.save_pretrained(workdir / "model")
+    tiny_tok.save_pretrained(workdir / "model")
+    rng = np.random.default_rng(0)
+    words = "the of and to in a is that for it as was with be by on not he this are or his from".split()
+    docs = [" ".join(rng.choice(words, size=int(rng.integers(20, 200)))) for _ in range(40)]
+    (workdir / "calib.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs))
+    (workdir / "eval.txt").write_text("\n".join(docs[:20]))
+    return str(workdir / "model"), str(workdir / "calib.jsonl"), str(workdir / "eval.txt")
