@@ -9,6 +9,9 @@ the (d_in, d_in) Gram matrix of the layer's inputs; a mask is bool, True = kept.
 """
 
 from .checks import METHODS, parse_pattern
+from .errors import AdmmPruneError
+from .methods import Method
+from .options import DEFAULTS, SolverOptions
 from .admm import (
     ADMMState, CholeskyFactor, admm_iterates, factorize, mask_update, objective, precondition,
     u_update, w_update, z_update,
@@ -41,4 +44,6 @@ __all__ = [
     # types and constants
     "ADMMState", "CholeskyFactor", "IterationRecord", "PolishRecord", "PolishState",
     "PruneResult", "METHODS", "DEFAULT_DAMP", "DEFAULT_POLISH_DAMP",
+    # the settings written once, the registry's entry type, the one error base
+    "SolverOptions", "DEFAULTS", "Method", "AdmmPruneError",
 ]
