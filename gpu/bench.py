@@ -36,7 +36,11 @@ from . import data as data_mod
 from . import methods as methods_mod
 from . import models as models_mod
 from .config import DTYPES, MIN_SEQLEN, CalibOptions, ModelOptions, PipelineError, PruneConfig, positive_int, resolve_device
+from .blocks import warn_unused_owl
+from .diskspace import writing
+from .distributed import current
 from .evaluate import linear_sparsity, load_eval_windows, perplexity, prepare_report_out
+from .lock import prefix_lock
 from .pipeline import prune_model
 from .report import PHASES, mean_layer_error, phase_totals, versions, write_atomic
 
@@ -74,13 +78,17 @@ class BenchConfig(SolverOptions, CalibOptions, ModelOptions):
     out: str | None = option(None, "path prefix: writes OUT.md and OUT.json")
 
     def __post_init__(self):
-        super().__post_init__()
+        # SolverOptions' own checks would judge `method` (a default no run uses): each variant's
+        # solver settings are checked instead, as its runs use them
+        super(SolverOptions, self).__post_init__()
         if not self.methods:
             raise PipelineError("methods is empty; name at least one, e.g. admm-grad", field="methods")
         if not self.settings:
             raise PipelineError("settings is empty; name at least one, e.g. 0.5 or 2:4", field="settings")
+        solver = {f.name: getattr(self, f.name) for f in dataclasses.fields(SolverOptions)}
         for m in self.methods:
-            parse_variant(m)
+            method, overrides = parse_variant(m)
+            SolverOptions(**{**solver, **overrides, "method": method, "sparsity_profile": "uniform"})
         for m in self.peer_methods:
             if m not in PEER_METHODS:
                 raise PipelineError(f"peer_methods: unknown method {m!r}; choose from {PEER_METHODS}",
@@ -218,9 +226,19 @@ def _llmcompressor_prune(model, tokenizer, calib_ids: torch.Tensor, method: str,
 
 
 def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
+    """Every method x setting of `cfg` on one model (`model`/`tokenizer` in memory, or
+    ``cfg.model``); returns the results, written to OUT.json/OUT.md after every run with
+    ``cfg.out`` (whose ``OUT.lock`` is held meanwhile: one bench per prefix)."""
+    warn_unused_owl(cfg, any(parse_variant(m)[1].get("sparsity_profile") == "owl" for m in cfg.methods),
+                    "only +owl variants read")
+    with prefix_lock(cfg.out, current().main):
+        return _bench(cfg, model, tokenizer)
+
+
+def _bench(cfg: BenchConfig, model, tokenizer) -> dict:
     device = resolve_device(cfg.device)
     if model is None:
-        model, tokenizer, _ = models_mod.load_model(cfg.model, dtype=DTYPES[cfg.dtype], cache_dir=cfg.cache_dir)
+        model, tokenizer, _ = models_mod.load_model(cfg.model, dtype=DTYPES.get(cfg.dtype), cache_dir=cfg.cache_dir)
     model.eval()
     limit = models_mod.max_sequence_length(model)
     for flag, value in (("--seqlen", cfg.seqlen), ("--eval-seqlen", cfg.eval_seqlen)):
@@ -232,6 +250,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
     windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.eval_seqlen, cfg.eval_windows)
     eval_kw = dict(device=cfg.device, progress=cfg.progress)
     result = {"config": asdict(cfg), "versions": versions(), "device": str(device),
+              "dtype": str(model.dtype).removeprefix("torch."),
               "model": cfg.model or getattr(model.config, "name_or_path", None) or "smollm2",
               "calibration": calib_info, "eval_windows": int(windows.shape[0]), "runs": [], "skipped": {}}
     t0 = time.perf_counter()
@@ -288,8 +307,10 @@ def _save(result: dict, out: str | None) -> dict:
     result["ratios"] = _ratios(result["runs"])
     result["markdown"] = format_markdown(result)
     if out is not None:
-        write_atomic(Path(out + ".json"), json.dumps(result, indent=2, default=str))
-        write_atomic(Path(out + ".md"), result["markdown"])
+        with writing(out + ".json"):
+            write_atomic(Path(out + ".json"), json.dumps(result, indent=2, default=str))
+        with writing(out + ".md"):
+            write_atomic(Path(out + ".md"), result["markdown"])
     return result
 
 
@@ -309,7 +330,7 @@ def _ratios(runs: list[dict]) -> list[dict]:
 def format_markdown(result: dict) -> str:
     c = result["config"]
     lines = [
-        f"Model `{result['model']}` ({c['dtype']}) on {result['device']}; calibration "
+        f"Model `{result['model']}` ({result.get('dtype', c['dtype'])}) on {result['device']}; calibration "
         f"{result['calibration'].get('nsamples')} x {c['seqlen']} tokens from `{c['calib']}` "
         f"(seed {c['seed']}, {result['calibration'].get('mode')}); perplexity on "
         f"{result['eval_windows']} windows of {c['eval_seqlen']} tokens of `{c['eval']}`. "
