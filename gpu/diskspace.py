@@ -91,7 +91,7 @@ def no_room(error: WriteError, model, folder: Path | None, final_copy: bool, kep
     (`kept`: what the staging folder keeps, None: nothing)."""
     line = str(error)
     if model is not None and folder is not None:
-        free = free_bytes(folder)
+        folder, free = Path(folder).absolute(), free_bytes(folder)
         line += (f"; this run needs about {gb(bytes_needed(model, final_copy=final_copy))} free in {folder} ("
                  + ("the staged blocks plus the final copy" if final_copy else "its staged blocks")
                  + (f"; {gb(free)} free now)" if free is not None else ")"))
