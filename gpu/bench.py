@@ -35,14 +35,19 @@ from admm_prune.reference.options import SolverOptions, option
 from . import data as data_mod
 from . import methods as methods_mod
 from . import models as models_mod
+from .blocks import warn_unused_owl
 from .config import (
     DTYPES, MIN_SEQLEN, CalibOptions, ModelOptions, PipelineError, PruneConfig, ReconstructOptions, positive_int,
     resolve_device,
 )
+from .diskspace import writing
+from .distributed import current
 from .evaluate import linear_sparsity, load_eval_windows, perplexity, prepare_report_out
+from .lock import prefix_lock
 from .peers import PEER_METHODS, PEERS, llmcompressor_prune, peer_available
 from .pipeline import prune_model
-from .report import PHASES, mean_layer_error, phase_totals, versions, write_atomic
+from .bench_report import format_markdown, ratios_to_peer, summarize
+from .report import mean_layer_error, phase_totals, versions, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +83,21 @@ class BenchConfig(ReconstructOptions, SolverOptions, CalibOptions, ModelOptions)
     out: str | None = option(None, "path prefix: writes OUT.md and OUT.json")
 
     def __post_init__(self):
-        super().__post_init__()
+        # SolverOptions' own checks would judge `method` (a default no run uses): each variant's
+        # solver settings are checked instead, as its runs use them
+        super(SolverOptions, self).__post_init__()
         if not self.methods:
             raise PipelineError("methods is empty; name at least one, e.g. admm-grad", field="methods")
         if not self.settings:
             raise PipelineError("settings is empty; name at least one, e.g. 0.5 or 2:4", field="settings")
+        solver = {f.name: getattr(self, f.name) for f in dataclasses.fields(SolverOptions)}
         for m in self.methods:
-            if parse_variant(m)[1].get("reconstruct_steps", 0) is None and not self.reconstruct_steps:
+            method, overrides = parse_variant(m)
+            if overrides.get("reconstruct_steps", 0) is None and not self.reconstruct_steps:
                 raise PipelineError(f"methods: {m} needs reconstruct_steps > 0 (or +reconstructK)",
                                     field="reconstruct_steps")
+            SolverOptions(**{**solver, **{k: v for k, v in overrides.items() if k in solver}, "method": method,
+                             "sparsity_profile": "uniform"})
         for m in self.peer_methods:
             if m not in PEER_METHODS:
                 raise PipelineError(f"peer_methods: unknown method {m!r}; choose from {PEER_METHODS}",
@@ -214,9 +225,19 @@ def _rss() -> int:
 
 
 def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
+    """Every method x setting of `cfg` on one model (`model`/`tokenizer` in memory, or
+    ``cfg.model``); returns the results, written to OUT.json/OUT.md after every run with
+    ``cfg.out`` (whose ``OUT.lock`` is held meanwhile: one bench per prefix)."""
+    warn_unused_owl(cfg, any(parse_variant(m)[1].get("sparsity_profile") == "owl" for m in cfg.methods),
+                    "only +owl variants read")
+    with prefix_lock(cfg.out, current().main):
+        return _bench(cfg, model, tokenizer)
+
+
+def _bench(cfg: BenchConfig, model, tokenizer) -> dict:
     device = resolve_device(cfg.device)
     if model is None:
-        model, tokenizer, _ = models_mod.load_model(cfg.model, dtype=DTYPES[cfg.dtype], cache_dir=cfg.cache_dir)
+        model, tokenizer, _ = models_mod.load_model(cfg.model, dtype=DTYPES.get(cfg.dtype), cache_dir=cfg.cache_dir)
     model.eval()
     limit = models_mod.max_sequence_length(model)
     for flag, value in (("--seqlen", cfg.seqlen), ("--eval-seqlen", cfg.eval_seqlen)):
@@ -230,6 +251,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
     windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.eval_seqlen, cfg.eval_windows)
     eval_kw = dict(device=cfg.device, progress=cfg.progress)
     result = {"config": asdict(cfg), "versions": versions(), "device": str(device),
+              "dtype": str(model.dtype).removeprefix("torch."),
               "model": cfg.model or getattr(model.config, "name_or_path", None) or "smollm2",
               "calibration": {str(seed): info for seed, (_, info) in calibration.items()},
               "eval_windows": int(windows.shape[0]), "runs": [], "skipped": {}}
@@ -237,9 +259,6 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
     result["dense_perplexity"] = perplexity(model, windows, desc="dense", **eval_kw)  # once: no seed in it
     result["eval_seconds"] = time.perf_counter() - t0
     log.info("dense perplexity %.3f (%.0f s per evaluation)", result["dense_perplexity"], result["eval_seconds"])
-    if not any("owl" in m.split("+")[1:] for m in cfg.methods) and \
-            (cfg.owl_m, cfg.owl_lambda) != (SolverOptions.owl_m, SolverOptions.owl_lambda):
-        log.warning("owl_m/owl_lambda are set but no +owl variant is asked for: they are unused")
 
     peers = []
     for peer in cfg.peers:
@@ -291,108 +310,12 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
 
 
 def _save(result: dict, cfg: BenchConfig) -> dict:
-    result["ratios"] = _ratios(result["runs"])
+    result["ratios"] = ratios_to_peer(result["runs"])
     result["summary"] = summarize(result["runs"], cfg.baseline_method)
     result["markdown"] = format_markdown(result)
     if cfg.out is not None:
-        write_atomic(Path(cfg.out + ".json"), json.dumps(result, indent=2, default=str))
-        write_atomic(Path(cfg.out + ".md"), result["markdown"])
+        with writing(cfg.out + ".json"):
+            write_atomic(Path(cfg.out + ".json"), json.dumps(result, indent=2, default=str))
+        with writing(cfg.out + ".md"):
+            write_atomic(Path(cfg.out + ".md"), result["markdown"])
     return result
-
-
-def _ratios(runs: list[dict]) -> list[dict]:
-    """Our runs against llm-compressor SparseGPT at the same setting and seed (perplexity, time)."""
-    peer = {(r["setting"], r["seed"]): r for r in runs if r["impl"] == "llmcompressor" and r["method"] == "sparsegpt"}
-    out = []
-    for r in runs:
-        p = peer.get((r["setting"], r["seed"]))
-        if r["impl"] == "admm-prune" and p is not None:
-            out.append({"seed": r["seed"], "setting": r["setting"], "method": r["method"],
-                        "perplexity_ratio": r["perplexity"] / p["perplexity"],
-                        "time_ratio": r["prune_seconds"] / p["prune_seconds"]})
-    return out
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
-
-
-def summarize(runs: list[dict], baseline_method: str | None) -> list[dict]:
-    """Per (setting, implementation, method): perplexity and prune time over the seeds (mean, std,
-    each seed's value) and, with a baseline method, the ratio to it taken per seed on the same
-    calibration (paired), then averaged."""
-    base = {(r["setting"], r["seed"]): r["perplexity"] for r in runs
-            if r["impl"] == "admm-prune" and r["method"] == baseline_method}
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["setting"], r["impl"], r["method"]), []).append(r)
-    out = []
-    for (setting, impl, method), rs in groups.items():
-        ppl = [r["perplexity"] for r in rs]
-        row = {"setting": setting, "impl": impl, "method": method, "seeds": [r["seed"] for r in rs],
-               "perplexities": ppl, "perplexity_mean": mean_std(ppl)[0], "perplexity_std": mean_std(ppl)[1],
-               "prune_seconds_mean": mean_std([r["prune_seconds"] for r in rs])[0]}
-        ratios = [r["perplexity"] / base[(setting, r["seed"])] for r in rs if (setting, r["seed"]) in base]
-        if baseline_method is not None and len(ratios) == len(rs):
-            row.update(ratio_to=baseline_method, ratios=ratios, ratio_mean=mean_std(ratios)[0],
-                       ratio_std=mean_std(ratios)[1])
-        out.append(row)
-    return out
-
-
-def format_markdown(result: dict) -> str:
-    c = result["config"]
-    first = next(iter(result["calibration"].values()))
-    seeds = c["seeds"]
-    lines = [
-        f"Model `{result['model']}` ({c['dtype']}) on {result['device']}; calibration "
-        f"{first.get('nsamples')} x {c['seqlen']} tokens from `{c['calib']}` "
-        f"(seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, {first.get('mode')}); perplexity on "
-        f"{result['eval_windows']} windows of {c['eval_seqlen']} tokens of `{c['eval']}`. "
-        f"Dense perplexity **{result['dense_perplexity']:.3f}**.",
-        "",
-    ]
-    summary = result.get("summary") or []
-    if len(seeds) > 1 and summary:
-        base = c.get("baseline_method")
-        lines += [f"Mean ± std over {len(seeds)} calibration seeds"
-                  + (f"; ratio to {base} taken per seed (same calibration), then averaged:" if base else ":"), "",
-                  "| setting | implementation | method | perplexity | " + (f"/ {base} | " if base else "")
-                  + "prune time (s) |", "|---|---|---|---:|" + ("---:|" if base else "") + "---:|"]
-        for r in summary:
-            ratio = (f"{r['ratio_mean']:.3f} ± {r['ratio_std']:.3f} | " if "ratio_mean" in r else
-                     ("— | " if base else ""))
-            lines.append(f"| {r['setting']} | {r['impl']} | {r['method']} | {r['perplexity_mean']:.3f} ± "
-                         f"{r['perplexity_std']:.3f} | {ratio}{r['prune_seconds_mean']:.1f} |")
-        lines += ["", "Each run:", ""]
-    lines += [
-        "| seed | setting | implementation | method | perplexity | ppl / llmc-SparseGPT | prune time (s) "
-        "| time / llmc-SparseGPT | peak mem (GiB) | mean layer error | sparsity |",
-        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    ratios = {(r["seed"], r["setting"], r["method"]): r for r in result["ratios"]}
-
-    def fmt(value, spec):
-        return "—" if value is None else format(value, spec)
-
-    for r in result["runs"]:
-        q = ratios.get((r["seed"], r["setting"], r["method"]), {}) if r["impl"] == "admm-prune" else {}
-        lines.append(
-            f"| {r['seed']} | {r['setting']} | {r['impl']} | {r['method']} | {r['perplexity']:.3f} | "
-            f"{fmt(q.get('perplexity_ratio'), '.3f')} | {r['prune_seconds']:.1f} | "
-            f"{fmt(q.get('time_ratio'), '.2f')} | {fmt(r['peak_memory_gib'], '.2f')} | "
-            f"{fmt(r['mean_layer_error'], '.4f')} | {r['linear_sparsity']:.4f} |")
-    ours = [r for r in result["runs"] if r.get("phase_seconds")]
-    if ours:
-        names = sorted({k for r in ours for k in r["phase_seconds"]}, key=PHASES.index)
-        lines += ["", "Pruning time by phase (s, summed over blocks):", "",
-                  "| seed | setting | method | " + " | ".join(names) + " |", "|---:|---|---|" + "---:|" * len(names)]
-        lines += [f"| {r['seed']} | {r['setting']} | {r['method']} | "
-                  + " | ".join(f"{r['phase_seconds'].get(k, 0.0):.1f}" for k in names) + " |" for r in ours]
-    for what, why in result["skipped"].items():
-        lines.append(f"\n{what} skipped: {why}")
-    return "\n".join(lines) + "\n"
-

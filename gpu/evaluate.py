@@ -24,7 +24,9 @@ from . import models as models_mod
 from .calibration import capture_block_inputs, run_block, visiting
 from .config import DTYPES, EvalConfig, PipelineError
 from .context import this_rank_device
+from .diskspace import writing
 from .distributed import current
+from .lock import prefix_lock
 from .report import missing_parents, write_atomic
 from .sources import as_source, open_model
 
@@ -116,11 +118,17 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
 
     With ``cfg.baseline`` the baseline model (typically the dense one) is evaluated on the
     same windows and documents, and ``result["baseline"]`` and ``result["markdown"]`` (the two
-    side by side) are added. With ``cfg.out`` the result is written to OUT.json and OUT.md.
-    Everything that can be checked (the report's folder, the task names and files, the
-    baseline's existence) is checked before the first forward pass.
+    side by side) are added. With ``cfg.out`` the result is written to OUT.json and OUT.md,
+    and ``OUT.lock`` is held meanwhile (one run per prefix: `lock.OutputLock`). Everything
+    that can be checked (the report's folder, the task names and files, the baseline's
+    existence) is checked before the first forward pass.
     """
     out = prepare_report_out(cfg.out)
+    with prefix_lock(cfg.out, current().main):
+        return _run_eval(cfg, out, model, tokenizer)
+
+
+def _run_eval(cfg: EvalConfig, out: Path | None, model, tokenizer) -> dict:
     if cfg.tasks:
         from .zeroshot import load_tasks
 
@@ -133,8 +141,10 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     result["markdown"] = format_eval_markdown(result)
     if out is not None:
         json_path, md_path = _with_ext(out, ".json"), _with_ext(out, ".md")
-        write_atomic(json_path, json.dumps(result, indent=2, default=str))
-        write_atomic(md_path, result["markdown"])
+        with writing(json_path):
+            write_atomic(json_path, json.dumps(result, indent=2, default=str))
+        with writing(md_path):
+            write_atomic(md_path, result["markdown"])
         log.info("wrote %s and %s", json_path, md_path)
     return result
 
@@ -146,11 +156,11 @@ def _with_ext(prefix: Path, ext: str) -> Path:
 
 def _evaluate(cfg: EvalConfig, name, model=None, tokenizer=None) -> dict:
     if model is None:
-        source, tokenizer = open_model(name, DTYPES[cfg.dtype], cfg.cache_dir)
+        source, tokenizer = open_model(name, DTYPES.get(cfg.dtype), cfg.cache_dir)
     else:
         source = as_source(model.eval())
     models_mod.check_tokenizer_fits(source.model, tokenizer)
-    result = {"model": name or models_mod.DEFAULT_MODEL, "dtype": cfg.dtype,
+    result = {"model": name or models_mod.DEFAULT_MODEL, "dtype": str(source.model.dtype).removeprefix("torch."),
               "linear_sparsity": linear_sparsity(source)}
     if cfg.eval is not None:
         check_seqlen_fits(source.model, seqlen=cfg.seqlen)
@@ -163,7 +173,7 @@ def _evaluate(cfg: EvalConfig, name, model=None, tokenizer=None) -> dict:
 
         full = model
         if full is None:  # lm-eval needs the whole model in memory
-            full, tokenizer, _ = models_mod.load_model(name, dtype=DTYPES[cfg.dtype], cache_dir=cfg.cache_dir)
+            full, tokenizer, _ = models_mod.load_model(name, dtype=DTYPES.get(cfg.dtype), cache_dir=cfg.cache_dir)
         result["zeroshot"] = run_zeroshot(full, tokenizer, list(cfg.tasks), cfg.task_data, limit=cfg.limit,
                                           batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress)
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 from admm_prune.reference.errors import AdmmPruneError
 
 import importlib.metadata
+import json
 import logging
 import os
 import re
@@ -132,14 +133,32 @@ def _convert_gguf(gguf, target):
     logger.info("converted in %.1f s", time.perf_counter() - start)
 
 
-def load_model(name_or_path=None, dtype=torch.float32, device=None, cache_dir=None):
+#: the dtypes a checkpoint's own dtype may be (anything else loads as float32)
+SAVED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def checkpoint_dtype(path) -> torch.dtype:
+    """The dtype a checkpoint folder was saved in: its config.json's ``dtype`` (``torch_dtype``
+    before transformers 5) when that is float32, float16 or bfloat16, else float32."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if dtype in SAVED_DTYPES else torch.float32
+
+
+def load_model(name_or_path=None, dtype=None, device=None, cache_dir=None):
     """Load a decoder-only causal LM and its tokenizer (see `resolve_model` for names).
 
-    `device`: where to move the model; default: where from_pretrained puts it (the CPU).
-    Returns (model in eval mode, tokenizer, info dict).
+    `dtype`: default the checkpoint's own (`checkpoint_dtype`). `device`: where to move the
+    model; default: where from_pretrained puts it (the CPU). Returns (model in eval mode,
+    tokenizer, info dict).
     """
     start = time.perf_counter()
     path = resolve_model(name_or_path, cache_dir)
+    dtype = dtype or checkpoint_dtype(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as error:

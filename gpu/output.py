@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import shutil
 import signal
@@ -23,18 +24,32 @@ from pathlib import Path
 from typing import Callable
 
 from .config import PipelineError
+from .lock import OutputBusy, OutputLock
 from .report import PruneReport, missing_parents, usual_mode
 from .shards import INDEX, SINGLE, read_header
 from .staging import Staging
 
+log = logging.getLogger(__name__)
+
 
 class OutputPlan:
     """Where a run's output goes, checked before any work: refuses what cannot be written,
-    creates the missing parent folders (and removes those it created if the run fails)."""
+    creates the missing parent folders (and removes those it created if the run fails).
+
+    A symlink as `out` is written through: the checkpoint goes to its target (made if the
+    link dangles), staged beside the target, and the link is left as it is. `lock` takes the
+    output's lock (`lock.OutputLock`, ``.NAME.lock`` beside it) for the rest of the run."""
 
     def __init__(self, out: str, overwrite: bool):
         path = Path(out)
-        self.out, self.created = path, []
+        self.out, self.created, self._lock = path, [], None
+        if path.is_symlink():
+            try:
+                path = self.out = path.resolve()
+            except (OSError, RuntimeError) as e:  # a loop
+                raise PipelineError(f"out {out} is a symlink that does not resolve ({e})", field="out") from None
+            log.info("out %s is a symlink to %s: writing through to it%s", out, path,
+                     " (replacing what is there)" if overwrite and path.exists() else "")
         if path.exists() and not overwrite:
             raise PipelineError(f"out {out} already exists; pass overwrite to replace it")
         if path.exists() and not path.is_dir():
@@ -42,14 +57,29 @@ class OutputPlan:
         if path.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
             raise PipelineError(f"out {out} is the current folder or holds it; choose a new folder")
         try:
-            self.created = missing_parents(out)
+            self.created = missing_parents(str(path))
         except ValueError as e:
             raise PipelineError(str(e)) from None
 
     def make_parents(self):
         self.out.parent.mkdir(parents=True, exist_ok=True)
 
+    def lock(self):
+        """Make the parent folders and hold the output's lock until `release` (one run per output)."""
+        self.make_parents()
+        try:
+            self._lock = OutputLock.take(self.out.parent / f".{self.out.name}.lock", f"out {self.out}")
+        except OutputBusy:
+            self.remove_created()
+            raise
+
+    def release(self):
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def remove_created(self):
+        self.release()  # its lock file lives in the folders to remove
         for p in reversed(self.created):
             with contextlib.suppress(OSError):
                 p.rmdir()
@@ -103,17 +133,21 @@ def assemble(staging: Staging, overwrite: bool, max_shard_size: int, write_extra
             out.rename(old)
             final.rename(out)
             shutil.rmtree(old, ignore_errors=True)
+            log.info("replaced the earlier contents of %s (overwrite)", out)
         else:
             final.rename(out)
         staging.discard()
     return bool(caught)
 
 
-def after_failure(staging: Staging | None, plan: OutputPlan | None) -> str | None:
-    """Clean up after a failed or interrupted run; say what is kept on disk (None: nothing)."""
+def after_failure(staging: Staging | None, plan: OutputPlan | None, resumable: bool = True) -> str | None:
+    """Clean up after a failed or interrupted run; say what is kept on disk (None: nothing).
+    `resumable`: whether rerunning with --resume can get past what stopped the run (an
+    interruption, a full disk), or not (a damaged checkpoint, NaN in a block)."""
     if staging is not None and plan is not None and staging.finished:
-        return (f"{plan.out} untouched; {len(staging.finished)} finished blocks kept in {staging.path}: "
-                f"rerun the same command with --resume to continue")
+        kept = f"{plan.out} untouched; {len(staging.finished)} finished blocks kept in {staging.path}"
+        return kept + (": rerun the same command with --resume to continue" if resumable else
+                       "; resuming cannot get past this error (the next fresh run removes them)")
     if staging is not None:
         staging.discard()
     if plan is not None:

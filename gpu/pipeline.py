@@ -9,6 +9,8 @@ The plumbing half of the torch backend; each job has its own room:
     shards.py       reading a safetensors checkpoint folder (and its NaN scan)
     staging.py      each finished block on disk at once, the manifest, resume
     output.py       the output checked before any work, the checkpoint assembled at the end
+    lock.py         one run per output: the lock held from before any work to the end
+    diskspace.py    the space a run needs, a full disk or a file-size limit in one line
     evaluate.py     perplexity (streamed block by block), zero-shot, `run_eval`
     report.py       per-linear records, versions, peak memory
     blocks.py       one block: its linears, their Grams, each group's solve; OWL's block targets
@@ -46,14 +48,18 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from admm_prune.reference.errors import AdmmPruneError
+
 from . import data as data_mod
 from . import models as models_mod
-from .blocks import block_targets, check_finite, check_model, prune_block
+from .blocks import block_targets, check_finite, check_model, prune_block, warn_unused_owl
 from .calibration import capture_block_inputs, release_memory, run_block, visiting
 from .config import DTYPES, PipelineError, PruneConfig
 from .context import RunContext, this_rank_device
+from .diskspace import WriteError, bytes_needed, no_room, warn_if_short, writing
 from .distributed import current
 from .evaluate import load_eval_windows, naming, perplexity
+from .lock import OutputBusy
 from .output import OutputPlan, after_failure, assemble, extras_writer
 from .reconstruct import DenseStream, ReconstructionRecord, reconstruct_block
 from .report import LinearRecord, PhaseTimer, PruneReport, mean_layer_error, peak_memory, versions
@@ -187,18 +193,24 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
     `model`/`tokenizer` may be passed in (already in memory; pruned in place) instead of
     `cfg.model`, which is streamed from its shards one block at a time. With ``cfg.out`` the
     blocks are staged beside it as they finish (``cfg.resume`` continues an interrupted run)
-    and the checkpoint is renamed into place at the end.
+    and the checkpoint is renamed into place at the end; from before any work to the end,
+    rank 0 holds the output's lock (`lock.OutputLock`: a second run into the same `out` stops
+    at once, naming this one).
     """
     t_start = time.perf_counter()
+    dist = current()
     plan = OutputPlan(cfg.out, cfg.overwrite) if cfg.out is not None else None  # checked on every rank
-    ctx, source, tokenizer = _open_source(cfg, model, tokenizer)
-    report = PruneReport(config=asdict(cfg), versions=versions(), model=_model_identity(source, cfg, ctx.device))
-    report.world_size = ctx.dist.world
-    calib_ids = _calibration(cfg, tokenizer, ctx, report)
-    windows = _eval_windows(cfg, tokenizer, ctx, report)
-    plan = plan if ctx.dist.main else None  # rank 0 alone stages and writes
-    staging = _open_staging(cfg, plan, source, ctx, report)
+    plan = plan if dist.main else None  # rank 0 alone stages and writes
+    _lock_output(plan, dist)
+    source = staging = None
     try:
+        ctx, source, tokenizer = _open_source(cfg, model, tokenizer)
+        warn_unused_owl(cfg, cfg.sparsity_profile == "owl", "only sparsity_profile owl reads")
+        report = PruneReport(config=asdict(cfg), versions=versions(), model=_model_identity(source, ctx.device))
+        report.world_size = ctx.dist.world
+        calib_ids = _calibration(cfg, tokenizer, ctx, report)
+        windows = _eval_windows(cfg, tokenizer, ctx, report)
+        staging = _open_staging(cfg, plan, source, ctx, report)
         if staging is not None:
             staging.write_rest(rest_state_dict(source.model))
         if windows is not None:
@@ -212,13 +224,35 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
     except RunInterrupted:
         raise
     except BaseException as error:
-        kept = after_failure(staging, plan)
+        # an interruption or a full disk: --resume continues; a user error found mid-run (a
+        # damaged checkpoint, NaN in a block) stops the rerun at the same place
+        resumable = isinstance(error, (KeyboardInterrupt, WriteError)) or not isinstance(error, AdmmPruneError)
+        kept = after_failure(staging, plan, resumable)
         if isinstance(error, KeyboardInterrupt):
             raise RunInterrupted(kept or "nothing was written") from None
+        if isinstance(error, WriteError):
+            raise WriteError(no_room(error, source.model if source else None,
+                                     staging.path.parent if staging else None, plan is not None, kept)) from error
         if kept:
             log.error("%s", kept)
         raise
+    finally:
+        if plan is not None:
+            plan.release()
     return report
+
+
+def _lock_output(plan: OutputPlan | None, dist):
+    """Rank 0 takes the output's lock; a busy output stops every rank, before any work."""
+    busy = None
+    if plan is not None:
+        try:
+            plan.lock()
+        except OutputBusy as error:
+            busy = error
+    busy = dist.broadcast_object(busy)
+    if busy is not None:
+        raise busy
 
 
 def _open_source(cfg: PruneConfig, model, tokenizer) -> tuple[RunContext, BlockSource, object]:
@@ -228,7 +262,7 @@ def _open_source(cfg: PruneConfig, model, tokenizer) -> tuple[RunContext, BlockS
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if model is None:
-        source, tokenizer = open_model(cfg.model, DTYPES[cfg.dtype], cfg.cache_dir)
+        source, tokenizer = open_model(cfg.model, DTYPES.get(cfg.dtype), cfg.cache_dir)
     else:
         source = InMemoryModel(model.eval())
     models_mod.check_tokenizer_fits(source.model, tokenizer)
@@ -237,8 +271,8 @@ def _open_source(cfg: PruneConfig, model, tokenizer) -> tuple[RunContext, BlockS
     return RunContext.of(cfg, source, device), source, tokenizer
 
 
-def _model_identity(source: BlockSource, cfg: PruneConfig, device) -> dict:
-    ident = {**source.identity(), "device": str(device), "dtype": cfg.dtype}
+def _model_identity(source: BlockSource, device) -> dict:
+    ident = {**source.identity(), "device": str(device), "dtype": str(source.model.dtype).removeprefix("torch.")}
     if ident.get("name") in (None, models_mod.DEFAULT_MODEL):
         ident["revision"] = models_mod.embedded_revision()
     elif "/snapshots/" in ident.get("path", ""):
@@ -282,10 +316,14 @@ def _open_staging(cfg: PruneConfig, plan: OutputPlan | None, source: BlockSource
     staging = Staging(plan.out) if plan else (Staging.scratch() if source.streamed and ctx.dist.main else None)
     if plan:
         plan.make_parents()
-    fingerprint = {**cfg.fingerprint(), "calibration_sha256": report.calibration.get("sha256"),
+    fingerprint = {**cfg.fingerprint(), "dtype": report.model["dtype"],  # the checkpoint's own when None
+                   "calibration_sha256": report.calibration.get("sha256"),
                    "model": {k: v for k, v in report.model.items() if k != "device"}, "device": ctx.device.type,
                    "world_size": ctx.dist.world}
     report.resumed_blocks = start_staging(staging, fingerprint, cfg.resume, ctx.dist)
+    if staging is not None:  # a warning now rather than a full disk later
+        staged = sum(entry["bytes"] for entry in staging.finished.values())
+        warn_if_short(staging.path.parent, bytes_needed(source.model, staged, final_copy=plan is not None))
     return staging
 
 
@@ -319,8 +357,9 @@ def _save(staging: Staging | None, plan: OutputPlan | None, cfg: PruneConfig, so
           report: PruneReport):
     """The checkpoint assembled onto `out` (rank 0, with `out`), or the scratch staging removed."""
     if plan is not None:
-        late_sigint = assemble(staging, cfg.overwrite, cfg.max_shard_size,
-                               extras_writer(source.model, tokenizer, report))
+        with writing(f"the checkpoint in {staging.path / 'final'}"):
+            late_sigint = assemble(staging, cfg.overwrite, cfg.max_shard_size,
+                                   extras_writer(source.model, tokenizer, report))
         log.info("saved to %s", plan.out)
         if late_sigint:
             raise RunInterrupted(f"after the checkpoint was complete: {plan.out} holds it")

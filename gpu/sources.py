@@ -133,8 +133,11 @@ class StreamedModel:
         if getattr(model.config, "tie_word_embeddings", False):
             model.lm_head.weight = model.model.embed_tokens.weight
         missing = [n for n, p in model.named_parameters() if p.is_meta and not is_block_key(n)]
+        missing += [block_prefix(i) + k for i, layer in enumerate(model.model.layers) for k in layer.state_dict()
+                    if block_prefix(i) + k not in self.checkpoint.weight_map]  # found now, not at block i
         if missing:
-            raise ModelError(f"{path}: tensors missing from the checkpoint: {missing}")
+            raise ModelError(f"{path}: {len(missing)} tensors missing from the checkpoint: "
+                             f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
         self.model = model.eval()
         self.num_blocks = len(model.model.layers)
 
@@ -147,7 +150,8 @@ class StreamedModel:
         try:
             layer.load_state_dict(_relative(tensors, i), strict=True, assign=True)
         except RuntimeError as e:
-            raise ModelError(f"{self.checkpoint.path}: block {i} does not match the config ({e})") from None
+            raise ModelError(f"{self.checkpoint.path}: block {i} does not match the config "
+                             f"({' '.join(str(e).split())})") from None
         del tensors
         try:
             yield layer
@@ -185,14 +189,16 @@ class StagedBlocks:
         return {**self.source.identity(), "staging": str(self.staging.path)}
 
 
-def open_model(name_or_path, dtype, cache_dir=None):
-    """A checkpoint by name (see `models.resolve_model`) as a `StreamedModel`, with its tokenizer."""
+def open_model(name_or_path, dtype=None, cache_dir=None):
+    """A checkpoint by name (see `models.resolve_model`) as a `StreamedModel`, with its tokenizer.
+    `dtype`: what the model is read, run and saved in; default the checkpoint's own
+    (`models.checkpoint_dtype`)."""
     from transformers import AutoTokenizer
 
-    from .models import DEFAULT_MODEL, resolve_model
+    from .models import DEFAULT_MODEL, checkpoint_dtype, resolve_model
 
     path = resolve_model(name_or_path, cache_dir)
-    source = StreamedModel(path, dtype, name=name_or_path or DEFAULT_MODEL)
+    source = StreamedModel(path, dtype or checkpoint_dtype(path), name=name_or_path or DEFAULT_MODEL)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import PipelineError
+from .diskspace import writing
 from .distributed import Dist
 from .report import usual_mode, write_atomic
 from .shards import open_safetensors
@@ -45,7 +46,11 @@ def _sha256(path: Path) -> str:
 def _save(tensors: dict, path: Path) -> None:
     """save_file to a temporary name, fsync, rename: `path` is complete or absent."""
     tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half file
+        raise
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.chmod(tmp, usual_mode(False))
@@ -155,11 +160,13 @@ class Staging:
         return ok
 
     def _save_manifest(self):
-        write_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=1))
+        with writing(self.path / MANIFEST):
+            write_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=1))
 
     def _write(self, name: str, tensors: dict) -> dict:
         path = self.path / name
-        _save(tensors, path)
+        with writing(path):  # a full disk: one line naming the file
+            _save(tensors, path)
         return {"file": name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
 
     def write_rest(self, tensors: dict):
