@@ -19,6 +19,7 @@ from admm_prune.reference.errors import AdmmPruneError
 from admm_prune.reference.options import Options, SolverOptions, option
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MATMUL_PRECISIONS = ("high", "highest")  # torch's names: TF32 allowed, IEEE float32
 MIN_SEQLEN = 2  # one rule for calibration and evaluation windows: a next-token loss needs two
 
 
@@ -116,7 +117,10 @@ class PruneConfig(SolverOptions, CalibOptions, ModelOptions):
     true_sequential: bool = option(False, "collect each group's inputs after the groups before it in the "
                                           "block are pruned (o_proj/down_proj see pruned q/k/v, gate/up)")
     num_blocks: int | None = option(None, "prune only the first K blocks (default: all)")
-    allow_tf32: bool = option(False, "allow TF32 matmuls on CUDA (faster, less exact)")
+    matmul_precision: str = option("high", "float32 matrix products of the solves (ADMM, SparseGPT, the finish) "
+                                           "on CUDA: 'high' lets them use TF32 (faster, ~1e-3 relative per "
+                                           "product), 'highest' keeps IEEE float32; Gram sums stay float64 "
+                                           "and the CPU is always IEEE", choices=MATMUL_PRECISIONS)
 
     def __post_init__(self):
         super().__post_init__()
@@ -124,6 +128,9 @@ class PruneConfig(SolverOptions, CalibOptions, ModelOptions):
         positive_int("eval_windows", self.eval_windows, optional=True)
         positive_int("num_blocks", self.num_blocks, optional=True)
         positive_int("max_shard_size", self.max_shard_size)
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise PipelineError(f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got "
+                                f"{self.matmul_precision!r}", field="matmul_precision")
         for name in ("targets", "ignore"):
             object.__setattr__(self, name, patterns(name, getattr(self, name)))
         if self.layer_errors and self.spec.needs == "weights":
@@ -147,15 +154,15 @@ class PruneConfig(SolverOptions, CalibOptions, ModelOptions):
 
     def engine_solver_kwargs(self) -> dict:
         """The keyword arguments of `prune_shared` the engine uses: the solver options, no
-        history it does not read, and the TF32 choice."""
+        history it does not read, and the TF32 choice (`matmul_precision`)."""
         return dict(self.solver_kwargs(), track_objective=False, track_residuals=False,
-                    allow_tf32=self.allow_tf32)
+                    allow_tf32=self.matmul_precision == "high")
 
     def fingerprint(self) -> dict:
         """The fields that decide the pruned weights: a resumed run must match them all."""
         keep = [f.name for f in dataclasses.fields(SolverOptions) if not f.name.startswith("owl_")]
-        keep += ["calib", "nsamples", "seqlen", "seed", "dtype", "true_sequential", "num_blocks", "allow_tf32",
-                 "targets", "ignore"]
+        keep += ["calib", "nsamples", "seqlen", "seed", "dtype", "true_sequential", "num_blocks",
+                 "matmul_precision", "targets", "ignore"]
         owl = ["owl_m", "owl_lambda"] if self.sparsity_profile == "owl" else []
         return {k: getattr(self, k) for k in keep + owl}
 
