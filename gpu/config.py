@@ -114,6 +114,9 @@ class PruneConfig(SolverOptions, CalibOptions, ModelOptions):
                                  "configuration is refused")
     max_shard_size: int = option(5_000_000_000, "largest checkpoint shard: bytes, or with a unit (5GB, 500MB, "
                                                 "2GiB) (default: 5GB)", metavar="SIZE", parse="byte_size")
+    shard_per_block: bool = option(False, "each decoder block (and the tensors outside the blocks) a shard of "
+                                          "its own, hard-linked from the staging folder: the weights are not "
+                                          "read and written a second time at the end (--max-shard-size unused)")
     true_sequential: bool = option(False, "collect each group's inputs after the groups before it in the "
                                           "block are pruned (o_proj/down_proj see pruned q/k/v, gate/up)")
     num_blocks: int | None = option(None, "prune only the first K blocks (default: all)")

@@ -54,10 +54,13 @@ from .config import DTYPES, PipelineError, PruneConfig
 from .context import RunContext, this_rank_device
 from .distributed import current
 from .evaluate import load_eval_windows, naming, perplexity
-from .output import OutputPlan, after_failure, assemble, extras_writer
-from .report import LinearRecord, PhaseTimer, PruneReport, mean_layer_error, peak_memory, versions
+from .output import OutputPlan, after_failure, assemble, extras_writer, publish
+from .report import (
+    LinearRecord, PhaseTimer, PruneReport, mean_layer_error, peak_memory, process_seconds, versions,
+)
 from .sources import BlockSource, InMemoryModel, StagedBlocks, as_source, block_state_dict, open_model, rest_state_dict
 from .staging import Staging, start_staging
+from .writer import BlockWriter
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,8 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
     source such as `sources.StreamedModel`), one block at a time.
 
     Blocks already finished in `staging` (a resumed run) are read back and only run forward
-    to make the next block's inputs; each newly pruned block is handed to `staging`. Blocks
+    to make the next block's inputs; each newly pruned block is handed to `staging`, which
+    writes it on a thread of its own (`writer.BlockWriter`) while the next block runs. Blocks
     past ``cfg.num_blocks`` are staged unchanged. `targets`: each block's sparsity (default:
     `block_targets`, i.e. uniform or OWL as the config says). `phases`, when given, gets each
     pruned block's seconds per phase (`report.PhaseTimer`). Returns one record per pruned linear and
@@ -93,42 +97,46 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
     if cfg.spec.needs != "weights":
         inps, kwargs = capture_block_inputs(source.model, dist.share(calib_ids), device, store, cfg.progress)
         outs = torch.empty_like(inps) if nblocks > 1 else None  # only forwards between pruned blocks
-    records, block_seconds = [], []
+    records, block_seconds, timers = [], [], {}
     bar = tqdm(range(source.num_blocks), desc=f"prune {cfg.method}", disable=not cfg.progress)
-    for i in bar:
-        t0 = time.perf_counter()
-        timer = PhaseTimer(device)
-        with contextlib.ExitStack() as stack:
-            with timer("load"):
-                staged = dist.broadcast_object(staging.read_block(i) if i in done and dist.main else None)
-                block = stack.enter_context(source.block(i, tensors=staged))
-                stack.enter_context(visiting([block], device))
-            if i in done:  # pruned before the interruption: its forward only
-                recs = [LinearRecord(**r) for r in done[i]["records"]]
-            else:
-                recs = (prune_block(block, i, inps, kwargs, cfg, targets[i], device, callback, timer, dist)
-                        if i < nblocks else [])
-            if inps is not None and i < nblocks - 1:  # the next block's inputs (none after the last)
-                with timer("forward"):
-                    run_block(block, inps, kwargs, device, outs)
-                check_finite(outs, f"block {i} outputs after pruning")
-                inps, outs = outs, inps
-            if staging is not None and i not in done:
-                with timer("write"):
-                    staging.write_block(i, block_state_dict(block, i), {
-                        "records": [asdict(r) for r in recs], "seconds": time.perf_counter() - t0,
-                        "phases": _exclusive(timer.seconds)})
-            seconds = done[i]["seconds"] if i in done else time.perf_counter() - t0
-        release_memory(device)
-        if i < nblocks:
-            records += recs
-            block_seconds.append(seconds)
-            if phases is not None:
-                phases.append(done[i].get("phases", {}) if i in done else _exclusive(timer.seconds))
-            err = mean_layer_error(r.error_pruned for r in recs)
-            bar.set_postfix(err="-" if err is None else f"{err:.4f}", s=f"{seconds:.1f}")
-            log.info("block %d: %.1f s%s, mean layer error %s", i, seconds, " (resumed)" if i in done else "",
-                     "not measured" if err is None else f"{err:.5f}")
+    with BlockWriter(staging) if staging is not None else contextlib.nullcontext() as writer:
+        for i in bar:
+            t0 = time.perf_counter()
+            timer = timers[i] = PhaseTimer(device)
+            with contextlib.ExitStack() as stack:
+                with timer("load"):
+                    staged = dist.broadcast_object(staging.read_block(i) if i in done and dist.main else None)
+                    block = stack.enter_context(source.block(i, tensors=staged))
+                    stack.enter_context(visiting([block], device))
+                if i in done:  # pruned before the interruption: its forward only
+                    recs = [LinearRecord(**r) for r in done[i]["records"]]
+                else:
+                    recs = (prune_block(block, i, inps, kwargs, cfg, targets[i], device, callback, timer, dist)
+                            if i < nblocks else [])
+                if inps is not None and i < nblocks - 1:  # the next block's inputs (none after the last)
+                    with timer("forward"):
+                        run_block(block, inps, kwargs, device, outs)
+                    check_finite(outs, f"block {i} outputs after pruning")
+                    inps, outs = outs, inps
+                if writer is not None and i not in done:  # written on the writer's thread
+                    info = {"records": [asdict(r) for r in recs], "seconds": time.perf_counter() - t0,
+                            "phases": _exclusive(timer.seconds)}
+                    with timer("write_wait"):  # the copy to the CPU, and a free place in the writer's queue
+                        writer.put(i, block_state_dict(block, i), info)
+                seconds = done[i]["seconds"] if i in done else time.perf_counter() - t0
+            release_memory(device)
+            if i < nblocks:
+                records += recs
+                block_seconds.append(seconds)
+                err = mean_layer_error(r.error_pruned for r in recs)
+                bar.set_postfix(err="-" if err is None else f"{err:.4f}", s=f"{seconds:.1f}")
+                log.info("block %d: %.1f s%s, mean layer error %s", i, seconds, " (resumed)" if i in done else "",
+                         "not measured" if err is None else f"{err:.5f}")
+    if phases is not None:  # each pruned block's, with its write's seconds on the writer's thread
+        written = writer.seconds if writer is not None else {}
+        phases += [done[i].get("phases", {}) if i in done else
+                   {**_exclusive(timers[i].seconds), **({"write": written[i]} if i in written else {})}
+                   for i in range(nblocks)]
     return records, block_seconds
 
 
@@ -158,28 +166,41 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
     `model`/`tokenizer` may be passed in (already in memory; pruned in place) instead of
     `cfg.model`, which is streamed from its shards one block at a time. With ``cfg.out`` the
     blocks are staged beside it as they finish (``cfg.resume`` continues an interrupted run)
-    and the checkpoint is renamed into place at the end.
+    and the checkpoint is renamed into place at the end. The report times each step
+    (``run_phases``, `report.RUN_PHASES`) and the run to its assembled checkpoint, where the
+    peak memory is taken too: ``total_seconds`` from this call, ``wall_seconds`` from the
+    process's start.
     """
     t_start = time.perf_counter()
+    steps = PhaseTimer()
     plan = OutputPlan(cfg.out, cfg.overwrite) if cfg.out is not None else None  # checked on every rank
-    ctx, source, tokenizer = _open_source(cfg, model, tokenizer)
+    with steps("open"):
+        ctx, source, tokenizer = _open_source(cfg, model, tokenizer)
     report = PruneReport(config=asdict(cfg), versions=versions(), model=_model_identity(source, cfg, ctx.device))
     report.world_size = ctx.dist.world
-    calib_ids = _calibration(cfg, tokenizer, ctx, report)
-    windows = _eval_windows(cfg, tokenizer, ctx, report)
+    report.matmul_precision = cfg.matmul_precision if ctx.device.type == "cuda" else "highest"  # CPU: IEEE
+    report.run_phases = steps.seconds  # filled in as the steps run
+    with steps("calibration"):
+        calib_ids = _calibration(cfg, tokenizer, ctx, report)
+    with steps("eval_windows"):
+        windows = _eval_windows(cfg, tokenizer, ctx, report)
     plan = plan if ctx.dist.main else None  # rank 0 alone stages and writes
-    staging = _open_staging(cfg, plan, source, ctx, report)
+    with steps("staging"):
+        staging = _open_staging(cfg, plan, source, ctx, report)
     try:
         if staging is not None:
-            staging.write_rest(rest_state_dict(source.model))
+            with steps("staging"):
+                staging.write_rest(rest_state_dict(source.model))
         if windows is not None:
-            report.perplexity["dense"] = _perplexity(source, windows, cfg, ctx, "dense")
-        _prune(source, calib_ids, cfg, callback, staging, ctx, report)
+            with steps("dense_perplexity"):
+                report.perplexity["dense"] = _perplexity(source, windows, cfg, ctx, "dense")
+        with steps("prune"):
+            _prune(source, calib_ids, cfg, callback, staging, ctx, report)
         if windows is not None:
-            report.perplexity["pruned"] = _perplexity(_pruned(source, staging, ctx), windows, cfg, ctx, "pruned")
-        report.peak_memory = peak_memory(ctx.device)
-        report.total_seconds = time.perf_counter() - t_start
-        _save(staging, plan, cfg, source, tokenizer, report)
+            with steps("pruned_perplexity"):
+                report.perplexity["pruned"] = _perplexity(_pruned(source, staging, ctx), windows, cfg, ctx,
+                                                          "pruned")
+        _save(staging, plan, cfg, source, tokenizer, report, steps, lambda: _ended(report, t_start, ctx.device))
     except RunInterrupted:
         raise
     except BaseException as error:
@@ -286,16 +307,30 @@ def _pruned(source: BlockSource, staging: Staging | None, ctx: RunContext) -> Bl
 
 
 def _save(staging: Staging | None, plan: OutputPlan | None, cfg: PruneConfig, source: BlockSource, tokenizer,
-          report: PruneReport):
-    """The checkpoint assembled onto `out` (rank 0, with `out`), or the scratch staging removed."""
+          report: PruneReport, steps: PhaseTimer, ended: Callable[[], None]):
+    """The checkpoint assembled and put onto `out` (rank 0, with `out`), or the scratch staging
+    removed; `ended()` stamps the run's end into the report in between (after the assembly,
+    before report.json is written)."""
+    final = None
     if plan is not None:
-        late_sigint = assemble(staging, cfg.overwrite, cfg.max_shard_size,
-                               extras_writer(source.model, tokenizer, report))
+        with steps("assemble"):
+            final = assemble(staging, cfg.max_shard_size, extras_writer(source.model, tokenizer),
+                             cfg.shard_per_block)
+    ended()
+    if final is not None:
+        late_sigint = publish(staging, final, cfg.overwrite, report)
         log.info("saved to %s", plan.out)
         if late_sigint:
             raise RunInterrupted(f"after the checkpoint was complete: {plan.out} holds it")
     elif staging is not None:
         staging.discard()
+
+
+def _ended(report: PruneReport, t_start: float, device: torch.device):
+    """The run's end: peak memory, seconds since `t_start` (run_prune's call) and since the process started."""
+    report.peak_memory = peak_memory(device)
+    report.total_seconds = time.perf_counter() - t_start
+    report.wall_seconds = process_seconds()
 
 
 __all__ = ["RunInterrupted", "prune_model", "achieved_block_sparsity", "run_prune"]

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from admm_prune.reference.errors import AdmmPruneError
+
 from .config import PipelineError
 from .distributed import Dist
 from .report import usual_mode, write_atomic
@@ -158,9 +160,13 @@ class Staging:
         write_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=1))
 
     def _write(self, name: str, tensors: dict) -> dict:
+        """One staged file and its manifest entry; a failed write (a full disk) is a user error."""
         path = self.path / name
-        _save(tensors, path)
-        return {"file": name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+        try:
+            _save(tensors, path)
+            return {"file": name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+        except OSError as e:  # not a PipelineError: its words ("...left on device") are not flags
+            raise AdmmPruneError(f"cannot write {path}: {e.strerror or e}") from None
 
     def write_rest(self, tensors: dict):
         if self.manifest.get("rest") is None:
@@ -168,7 +174,9 @@ class Staging:
             self._save_manifest()
 
     def write_block(self, i: int, tensors: dict, info: dict):
-        """Block i is done: its file, then the manifest entry (with `info`: records, seconds)."""
+        """Block i is done: its file, then the manifest entry (with `info`: records, seconds).
+        The engine calls it on the writer's thread (`writer.BlockWriter`), the only writer of the
+        manifest while the block loop runs."""
         entry = self._write(f"block-{i:05d}.safetensors", tensors)
         self.manifest["blocks"][str(i)] = {**entry, **info}
         self._save_manifest()
