@@ -316,12 +316,18 @@ def sample_calibration(texts, tokenizer, nsamples, seqlen, seed):
 
 
 def _random_windows(cache, nsamples, seqlen, rng):
-    """SparseGPT/Wanda: rejection-sample a long document, then a window start."""
+    """SparseGPT/Wanda: rejection-sample a long document, then a window start. A document drawn
+    before it is tokenized is tokenized in one batch with the ones drawn next if it is rejected."""
     windows = []
     for _ in range(nsamples):
         while True:
             i = rng.randint(0, len(cache.texts) - 1)
-            cache.scan([i])
+            if i not in cache.length:  # with what rng draws next while each draw is rejected
+                ahead, picks = random.Random(), [i]
+                ahead.setstate(rng.getstate())  # a copy: rng itself does not advance
+                while len(picks) < _TOKENIZE_BATCH and (j := ahead.randint(0, len(cache.texts) - 1)) not in cache.long:
+                    picks += [j] if j not in cache.length else []
+                cache.scan(dict.fromkeys(picks))  # each once
             if i in cache.long:
                 break
         ids = cache.long[i]
