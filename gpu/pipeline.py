@@ -41,6 +41,7 @@ import contextlib
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -200,7 +201,9 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
             with steps("pruned_perplexity"):
                 report.perplexity["pruned"] = _perplexity(_pruned(source, staging, ctx), windows, cfg, ctx,
                                                           "pruned")
-        _save(staging, plan, cfg, source, tokenizer, report, steps, lambda: _ended(report, t_start, ctx.device))
+        final = _assemble(staging, plan, cfg, source, tokenizer, steps)
+        _ended(report, t_start, ctx.device)  # after the assembly, before report.json is written
+        _publish(staging, plan, cfg, final, report)
     except RunInterrupted:
         raise
     except BaseException as error:
@@ -306,17 +309,18 @@ def _pruned(source: BlockSource, staging: Staging | None, ctx: RunContext) -> Bl
     return StagedBlocks(source, Staging.view(*shared)) if source.streamed else source
 
 
-def _save(staging: Staging | None, plan: OutputPlan | None, cfg: PruneConfig, source: BlockSource, tokenizer,
-          report: PruneReport, steps: PhaseTimer, ended: Callable[[], None]):
-    """The checkpoint assembled and put onto `out` (rank 0, with `out`), or the scratch staging
-    removed; `ended()` stamps the run's end into the report in between (after the assembly,
-    before report.json is written)."""
-    final = None
-    if plan is not None:
-        with steps("assemble"):
-            final = assemble(staging, cfg.max_shard_size, extras_writer(source.model, tokenizer),
-                             cfg.shard_per_block)
-    ended()
+def _assemble(staging: Staging | None, plan: OutputPlan | None, cfg: PruneConfig, source: BlockSource, tokenizer,
+              steps: PhaseTimer) -> Path | None:
+    """The checkpoint's folder made from the staged files (rank 0, with `out`), else None."""
+    if plan is None:
+        return None
+    with steps("assemble"):
+        return assemble(staging, cfg.max_shard_size, extras_writer(source.model, tokenizer), cfg.shard_per_block)
+
+
+def _publish(staging: Staging | None, plan: OutputPlan | None, cfg: PruneConfig, final: Path | None,
+             report: PruneReport):
+    """The assembled folder, with report.json, renamed onto `out`; or the scratch staging removed."""
     if final is not None:
         late_sigint = publish(staging, final, cfg.overwrite, report)
         log.info("saved to %s", plan.out)
