@@ -20,7 +20,9 @@ TF32
     the reference's). By
     default the call pins float32 CUDA matmuls to IEEE fp32 and restores the previous
     setting on return; ``allow_tf32=True`` opts in. Nothing is set at import. The
-    lower-level functions follow torch's global setting (default: no TF32).
+    lower-level functions follow torch's global setting (default: no TF32). The engine
+    opts in on CUDA (`PruneConfig.matmul_precision` "high", ``--matmul-precision highest``
+    to keep IEEE); its Gram sums stay float64 either way.
 
 Speed
     ADMM: one Cholesky factorization of G~ + rho I per Gram, turned into its inverse

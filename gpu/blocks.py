@@ -24,6 +24,7 @@ from . import models as models_mod
 from .calibration import (
     GramCollector, NormCollector, calibrate_block, capture_block_inputs, run_block, shared_input_groups, visiting,
 )
+from .checks import all_finite
 from .config import PipelineError, PruneConfig
 from .context import RunContext
 from .distributed import Dist
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def check_finite(tensor: torch.Tensor, what: str):
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise PipelineError(f"NaN/Inf in {what}; try dtype float32 or a larger damp")
 
 

@@ -29,6 +29,16 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of the floating tensor `t` is finite: its min and max are (both
+    propagate NaN). One reduction and no bool temporary: ~20x faster than
+    ``isfinite(t).all()`` on a CPU (paper_notes/speed_cpu.md, start-up)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def check_weights(W) -> torch.Tensor:
     W = as_tensor(W)
     if W.ndim != 2 or W.shape[0] == 0 or W.shape[1] == 0:

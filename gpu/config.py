@@ -20,6 +20,7 @@ from admm_prune.reference.errors import AdmmPruneError
 from admm_prune.reference.options import Options, SolverOptions, option
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MATMUL_PRECISIONS = ("high", "highest")  # torch's names: TF32 allowed, IEEE float32
 MIN_SEQLEN = 2  # one rule for calibration and evaluation windows: a next-token loss needs two
 
 
@@ -134,10 +135,16 @@ class PruneConfig(ReconstructOptions, SolverOptions, CalibOptions, ModelOptions)
                                  "configuration is refused")
     max_shard_size: int = option(5_000_000_000, "largest checkpoint shard: bytes, or with a unit (5GB, 500MB, "
                                                 "2GiB) (default: 5GB)", metavar="SIZE", parse="byte_size")
+    shard_per_block: bool = option(False, "each decoder block (and the tensors outside the blocks) a shard of "
+                                          "its own, hard-linked from the staging folder: the weights are not "
+                                          "read and written a second time at the end (--max-shard-size unused)")
     true_sequential: bool = option(False, "collect each group's inputs after the groups before it in the "
                                           "block are pruned (o_proj/down_proj see pruned q/k/v, gate/up)")
     num_blocks: int | None = option(None, "prune only the first K blocks (default: all)")
-    allow_tf32: bool = option(False, "allow TF32 matmuls on CUDA (faster, less exact)")
+    matmul_precision: str = option("high", "float32 matrix products of the solves (ADMM, SparseGPT, the finish) "
+                                           "on CUDA: 'high' lets them use TF32 (faster, ~1e-3 relative per "
+                                           "product), 'highest' keeps IEEE float32; Gram sums stay float64 "
+                                           "and the CPU is always IEEE", choices=MATMUL_PRECISIONS)
 
     def __post_init__(self):
         super().__post_init__()
@@ -145,6 +152,9 @@ class PruneConfig(ReconstructOptions, SolverOptions, CalibOptions, ModelOptions)
         positive_int("eval_windows", self.eval_windows, optional=True)
         positive_int("num_blocks", self.num_blocks, optional=True)
         positive_int("max_shard_size", self.max_shard_size)
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise PipelineError(f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got "
+                                f"{self.matmul_precision!r}", field="matmul_precision")
         for name in ("targets", "ignore"):
             object.__setattr__(self, name, patterns(name, getattr(self, name)))
         if self.layer_errors and self.spec.needs == "weights":
@@ -168,14 +178,15 @@ class PruneConfig(ReconstructOptions, SolverOptions, CalibOptions, ModelOptions)
 
     def engine_solver_kwargs(self) -> dict:
         """The keyword arguments of `prune_shared` the engine uses: the solver options, no
-        history it does not read, and the TF32 choice."""
+        history it does not read, and the TF32 choice (`matmul_precision`)."""
         return dict(self.solver_kwargs(), track_objective=False, track_residuals=False,
-                    allow_tf32=self.allow_tf32)
+                    allow_tf32=self.matmul_precision == "high")
 
     def fingerprint(self) -> dict:
         """The fields that decide the pruned weights: a resumed run must match them all."""
         keep = [f.name for f in dataclasses.fields(SolverOptions) if not f.name.startswith("owl_")]
-        keep += ["calib", "nsamples", "seqlen", "seed", "dtype", "true_sequential", "num_blocks", "allow_tf32"]
+        keep += ["calib", "nsamples", "seqlen", "seed", "dtype", "true_sequential", "num_blocks",
+                 "matmul_precision"]
         keep += [k for k in ("targets", "ignore") if getattr(self, k)]  # set only when used: older folders resume
         if self.reconstruct_steps:
             keep += [f.name for f in dataclasses.fields(ReconstructOptions)]

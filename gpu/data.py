@@ -7,37 +7,28 @@ documents longer than the window), with a documented fallback when too few docum
 
 from __future__ import annotations
 
-from admm_prune.reference.errors import AdmmPruneError
-
-import gzip
 import hashlib
-import json
 import logging
 import math
 import os
 import random
-import zlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .textfiles import LOCAL_SUFFIXES, DataError, read_file
+
 logger = logging.getLogger(__name__)
 
 HUB_SOURCES = ("c4", "wikitext2")
-ROW_SUFFIXES = (".txt", ".raw", ".tokens")  # WikiText raw layout: one row per line
-LOCAL_SUFFIXES = (*ROW_SUFFIXES, ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 _C4_FILES = {
     "train": "en/c4-train.00000-of-01024.json.gz",
     "validation": "en/c4-validation.00000-of-00008.json.gz",
 }
 _TRUE = {"1", "on", "yes", "true"}
 _TOKENIZE_BATCH = 64
-
-
-class DataError(AdmmPruneError):
-    """Bad data input (missing or empty file, no text field, too little text); a user error."""
 
 
 class HubUnreachable(DataError):
@@ -102,117 +93,13 @@ def load_texts(source, split=None):
     files = sorted(p for p in path.iterdir() if _is_local_file(p)) if path.is_dir() else [path]
     if not files:
         raise DataError(f"{path}: directory holds no {'/'.join(LOCAL_SUFFIXES)} files")
-    texts = [text for file in files for text in _read_file(file)]
+    texts = [text for file in files for text in read_file(file)]
     logger.info("loaded %d texts from %s", len(texts), path)
     return texts
 
 
 def _is_local_file(path):
     return path.is_file() and path.name.endswith(LOCAL_SUFFIXES)
-
-
-def _read_file(path):
-    """Texts of one local file; DataError naming `path` when there are none."""
-    name = path.name
-    if name.endswith(ROW_SUFFIXES):
-        texts = _read_rows(path)
-    elif name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-        texts = _read_json(path)
-    elif name.endswith(".parquet"):
-        texts = _read_parquet(path)
-    else:
-        raise DataError(f"{path}: unsupported file type; expected one of {', '.join(LOCAL_SUFFIXES)}")
-    if not any(text.strip() for text in texts):
-        raise DataError(f"{path}: holds no text")
-    return texts
-
-
-def _not_utf8(path, error):
-    """DataError naming `path` and the byte offset of its first invalid UTF-8 sequence."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        try:
-            f.read().decode("utf-8")
-        except UnicodeDecodeError as exact:  # the streamed error's offset is within a chunk
-            error = exact
-        except (OSError, EOFError, zlib.error) as damaged:  # bad bytes from a damaged gzip stream
-            return DataError(f"{path}: not a readable gzip file ({type(damaged).__name__}: {damaged})")
-    where = ", uncompressed" if path.name.endswith(".gz") else ""
-    line = error.object[:error.start].count(b"\n") + 1
-    return DataError(f"{path}: not UTF-8 text: byte {error.start} (line {line}{where}) is "
-                     f"{error.object[error.start:error.start + 1]!r} ({error.reason}); re-encode it as UTF-8")
-
-
-def _read_rows(path):
-    """Rows as the HF WikiText split gives them: each line with its newline, a blank line as ""."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [row if row.strip() else "" for row in f]
-    except UnicodeDecodeError as error:
-        raise _not_utf8(path, error) from None
-
-
-def _read_json(path):
-    """Texts of a JSON-lines file (one object with a ``text`` field, or one string, per line) or of
-    one JSON list; errors name the line of the file (records of a list: their index)."""
-    content = _read_text(path)
-    if content.lstrip().startswith("["):
-        try:
-            records = json.loads(content)  # the error's line and column are the file's
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: not JSON lines or a JSON list ({error})") from None
-        return [_text_field(path, f"record {i}", record) for i, record in enumerate(records)]
-    texts = []
-    for number, line in enumerate(content.split("\n"), start=1):  # not splitlines(): U+2028 is legal in JSON
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: line {number}: not JSON ({error.msg}: column {error.colno})") from None
-        texts.append(_text_field(path, f"line {number}", record))
-    return texts
-
-
-def _read_text(path):
-    """The whole file as text, gunzipped for ``.gz``; DataError for bad UTF-8 or a damaged gzip."""
-    gz = path.name.endswith(".gz")
-    try:
-        with (gzip.open if gz else open)(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as error:
-        raise _not_utf8(path, error) from None
-    except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError
-        if not gz:
-            raise
-        raise DataError(f"{path}: not a readable gzip file ({type(error).__name__}: {error})") from None
-
-
-def _text_field(path, where, record):
-    text = record.get("text") if isinstance(record, dict) else record
-    if not isinstance(text, str):
-        raise DataError(f"{path}: {where} has no string 'text' field")
-    return text
-
-
-def _read_parquet(path):
-    """The ``text`` column; DataError naming the file for a damaged file, and the row for a null
-    or non-string value."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        if "text" not in pq.read_schema(path).names:
-            raise DataError(f"{path}: no 'text' column")
-        texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
-    except (pa.ArrowException, OSError) as error:  # ArrowIOError is both
-        message = " ".join(str(error).split())
-        raise DataError(f"{path}: not a readable parquet file ({type(error).__name__}: {message})") from None
-    for row, text in enumerate(texts):
-        if not isinstance(text, str):
-            what = "null" if text is None else f"of type {type(text).__name__}"
-            raise DataError(f"{path}: row {row} (counting from 0) of column 'text' is {what}, not a string")
-    return texts
 
 
 def _load_hub(source, split):
@@ -322,12 +209,18 @@ def sample_calibration(texts, tokenizer, nsamples, seqlen, seed, cache: TokenCac
 
 
 def _random_windows(cache, nsamples, seqlen, rng):
-    """SparseGPT/Wanda: rejection-sample a long document, then a window start."""
+    """SparseGPT/Wanda: rejection-sample a long document, then a window start. A document drawn
+    before it is tokenized is tokenized in one batch with the ones drawn next if it is rejected."""
     windows = []
     for _ in range(nsamples):
         while True:
             i = rng.randint(0, len(cache.texts) - 1)
-            cache.scan([i])
+            if i not in cache.length:  # with what rng draws next while each draw is rejected
+                ahead, picks = random.Random(), [i]
+                ahead.setstate(rng.getstate())  # a copy: rng itself does not advance
+                while len(picks) < _TOKENIZE_BATCH and (j := ahead.randint(0, len(cache.texts) - 1)) not in cache.long:
+                    picks += [j] if j not in cache.length else []
+                cache.scan(dict.fromkeys(picks))  # each once
             if i in cache.long:
                 break
         ids = cache.long[i]

@@ -1,11 +1,12 @@
 """A run's output: checked before any work (`OutputPlan`), assembled from the staging folder
-at the end (`assemble`), cleaned up after a failure (`after_failure`).
+at the end (`assemble`, then `publish`), cleaned up after a failure (`after_failure`).
 
 Assembly groups the staged files into shards of at most ``max_shard_size`` bytes (a shard
 made of one file is a hard link; several are concatenated byte for byte, so memory stays
-flat), adds the index, config, generation config, tokenizer and report, and renames the
-folder onto ``--out`` (an old ``--out`` is moved aside first and removed only after the new
-one is in place; SIGINT is held off for those two renames).
+flat; ``shard_per_block`` makes every staged file a shard, all links) and adds the index,
+config, generation config and tokenizer. Publishing adds the report and renames the folder
+onto ``--out`` (an old ``--out`` is moved aside first and removed only after the new one is
+in place; SIGINT is held off for those two renames).
 """
 
 from __future__ import annotations
@@ -85,9 +86,9 @@ class OutputPlan:
                 p.rmdir()
 
 
-def extras_writer(model, tokenizer, report: PruneReport) -> Callable[[Path], None]:
+def extras_writer(model, tokenizer) -> Callable[[Path], None]:
     """What `assemble` adds beside the weights: config (with the tensors' dtype), generation
-    config, tokenizer, report.json."""
+    config, tokenizer."""
     def write(folder):
         config = copy.deepcopy(model.config)
         config.dtype = model.dtype  # what the tensors are, as save_pretrained records it
@@ -96,21 +97,22 @@ def extras_writer(model, tokenizer, report: PruneReport) -> Callable[[Path], Non
             model.generation_config.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        (folder / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
     return write
 
 
-def assemble(staging: Staging, overwrite: bool, max_shard_size: int, write_extras: Callable[[Path], None]) -> bool:
-    """Shard the staged files into ``<staging>/final``, add `write_extras(folder)`'s files,
-    and rename the result onto ``staging.out``; then remove the staging folder.
+def assemble(staging: Staging, max_shard_size: int, write_extras: Callable[[Path], None],
+             per_block: bool = False) -> Path:
+    """Shard the staged files into ``<staging>/final`` and add `write_extras(folder)`'s files;
+    returns that folder (`publish` puts it in place).
 
-    Returns whether a SIGINT came while the output was being swapped in (it was held
-    off: the output is complete either way)."""
-    out, final = staging.out, staging.path / "final"
+    Shards hold consecutive staged files up to ``max_shard_size`` bytes (a shard of one file is
+    a hard link; several are concatenated); `per_block`: every staged file is a shard of its
+    own, all hard links, so the weights are not read and written a second time."""
+    final = staging.path / "final"
     if final.exists():
         shutil.rmtree(final)
     final.mkdir()
-    groups = _group_by_size(staging.files(), max_shard_size)
+    groups = _group_by_size(staging.files(), 0 if per_block else max_shard_size)
     weight_map, total = {}, 0
     for k, group in enumerate(groups):
         name = SINGLE if len(groups) == 1 else f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -122,6 +124,17 @@ def assemble(staging: Staging, overwrite: bool, max_shard_size: int, write_extra
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (final / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     write_extras(final)
+    return final
+
+
+def publish(staging: Staging, final: Path, overwrite: bool, report: PruneReport) -> bool:
+    """Write report.json into `final` (what `assemble` made), rename it onto ``staging.out``,
+    then remove the staging folder.
+
+    Returns whether a SIGINT came while the output was being swapped in (it was held
+    off: the output is complete either way)."""
+    out = staging.out
+    (final / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
     for path in [final, *final.iterdir()]:
         path.chmod(usual_mode(path.is_dir()))
     with _sigint_held() as caught:
@@ -156,7 +169,8 @@ def after_failure(staging: Staging | None, plan: OutputPlan | None, resumable: b
 
 
 def _group_by_size(paths: list[Path], limit: int) -> list[list[Path]]:
-    """Consecutive files, greedily, into groups of at most `limit` bytes (a bigger file alone)."""
+    """Consecutive files, greedily, into groups of at most `limit` bytes (a bigger file alone;
+    `limit` 0: each file alone)."""
     groups, size = [], 0
     for p in paths:
         n = p.stat().st_size

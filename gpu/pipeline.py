@@ -43,6 +43,7 @@ import contextlib
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -60,11 +61,15 @@ from .diskspace import WriteError, bytes_needed, no_room, warn_if_short, writing
 from .distributed import current
 from .evaluate import load_eval_windows, naming, perplexity
 from .lock import OutputBusy
-from .output import OutputPlan, after_failure, assemble, extras_writer
+from .output import OutputPlan, after_failure, assemble, extras_writer, publish
 from .reconstruct import DenseStream, ReconstructionRecord, reconstruct_block
-from .report import LinearRecord, PhaseTimer, PruneReport, mean_layer_error, peak_memory, versions
+from .report import (
+    LinearRecord, PhaseTimer, PruneReport, achieved_block_sparsity, exclusive_phases, mean_layer_error, peak_memory,
+    process_seconds, versions,
+)
 from .sources import BlockSource, InMemoryModel, StagedBlocks, as_source, block_state_dict, open_model, rest_state_dict
 from .staging import Staging, start_staging
+from .writer import BlockWriter
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +86,8 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
     source such as `sources.StreamedModel`), one block at a time.
 
     Blocks already finished in `staging` (a resumed run) are read back and only run forward
-    to make the next block's inputs; each newly pruned block is handed to `staging`. Blocks
+    to make the next block's inputs; each newly pruned block is handed to `staging`, which
+    writes it on a thread of its own (`writer.BlockWriter`) while the next block runs. Blocks
     past ``cfg.num_blocks`` are staged unchanged. `targets`: each block's sparsity (default:
     `block_targets`, i.e. uniform or OWL as the config says). `phases`, when given, gets each
     pruned block's seconds per phase (`report.PhaseTimer`). Returns one record per pruned linear and
@@ -103,57 +109,71 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
         inps, kwargs = capture_block_inputs(source.model, dist.share(calib_ids), device, store, cfg.progress)
         outs = torch.empty_like(inps) if nblocks > 1 else None  # only forwards between pruned blocks
         dense = DenseStream(inps, kwargs, device) if cfg.reconstruct_steps else None  # its targets
-    records, block_seconds = [], []
+    records, block_seconds, timers = [], [], {}
     bar = tqdm(range(source.num_blocks), desc=f"prune {cfg.method}", disable=not cfg.progress)
-    for i in bar:
-        t0 = time.perf_counter()
-        timer = PhaseTimer(device)
-        if dense is not None and i in done and i < nblocks:  # resumed: the dense block from the source
-            with source.block(i) as dense_block, visiting([dense_block], device), timer("forward"):
-                dense.advance(dense_block)
-        with contextlib.ExitStack() as stack:
-            with timer("load"):
-                staged = dist.broadcast_object(staging.read_block(i) if i in done and dist.main else None)
-                block = stack.enter_context(source.block(i, tensors=staged))
-                stack.enter_context(visiting([block], device))
-            recon = done[i].get("reconstruction") if i in done else None
-            if i in done:  # pruned before the interruption: its forward only
-                recs = [LinearRecord(**r) for r in done[i]["records"]]
-            elif i < nblocks:
-                if dense is not None:
-                    with timer("forward"):
-                        dense.advance(block)  # D_{i+1}, before the block is pruned
-                recs = prune_block(block, i, inps, kwargs, cfg, targets[i], device, callback, timer, dist)
-                if dense is not None:  # its last forward also makes the next block's inputs
-                    with timer("reconstruct"):
-                        recon = asdict(_reconstruct(block, i, recs, inps, dense, kwargs, cfg, ctx, outs))
-            else:
-                recs = []
-            if reconstruction is not None and recon is not None:
-                reconstruction.append(recon)
-            if inps is not None and i < nblocks - 1:  # the next block's inputs (none after the last)
-                if i in done or dense is None:
-                    with timer("forward"):
-                        run_block(block, inps, kwargs, device, outs)
-                check_finite(outs, f"block {i} outputs after pruning")
-                inps, outs = outs, inps
-            if staging is not None and i not in done:
-                with timer("write"):
-                    staging.write_block(i, block_state_dict(block, i), {
-                        "records": [asdict(r) for r in recs], "seconds": time.perf_counter() - t0,
-                        "phases": _exclusive(timer.seconds), **({"reconstruction": recon} if recon else {})})
-            seconds = done[i]["seconds"] if i in done else time.perf_counter() - t0
-        release_memory(device)
-        if i < nblocks:
-            records += recs
-            block_seconds.append(seconds)
-            if phases is not None:
-                phases.append(done[i].get("phases", {}) if i in done else _exclusive(timer.seconds))
-            err = mean_layer_error(r.error_pruned for r in recs)
-            bar.set_postfix(err="-" if err is None else f"{err:.4f}", s=f"{seconds:.1f}")
-            log.info("block %d: %.1f s%s, mean layer error %s", i, seconds, " (resumed)" if i in done else "",
-                     "not measured" if err is None else f"{err:.5f}")
+    with BlockWriter(staging) if staging is not None else contextlib.nullcontext() as writer:
+        for i in bar:
+            t0 = time.perf_counter()
+            timer = timers[i] = PhaseTimer(device)
+            if dense is not None and i in done and i < nblocks:  # resumed: the dense block from the source
+                with source.block(i) as dense_block, visiting([dense_block], device), timer("forward"):
+                    dense.advance(dense_block)
+            with contextlib.ExitStack() as stack:
+                with timer("load"):
+                    staged = dist.broadcast_object(staging.read_block(i) if i in done and dist.main else None)
+                    block = stack.enter_context(source.block(i, tensors=staged))
+                    stack.enter_context(visiting([block], device))
+                if i in done:  # pruned before the interruption: its forward only
+                    recs, recon = [LinearRecord(**r) for r in done[i]["records"]], done[i].get("reconstruction")
+                else:
+                    recs, recon = (_prune_block(block, i, inps, outs, kwargs, dense, cfg, targets[i], callback, timer,
+                                                ctx) if i < nblocks else ([], None))
+                if reconstruction is not None and recon is not None:
+                    reconstruction.append(recon)
+                if inps is not None and i < nblocks - 1:  # the next block's inputs (none after the last)
+                    if i in done or dense is None:  # (a reconstruction's last forward made them)
+                        with timer("forward"):
+                            run_block(block, inps, kwargs, device, outs)
+                    check_finite(outs, f"block {i} outputs after pruning")
+                    inps, outs = outs, inps
+                if writer is not None and i not in done:  # written on the writer's thread
+                    info = {"records": [asdict(r) for r in recs], "seconds": time.perf_counter() - t0,
+                            "phases": exclusive_phases(timer.seconds), **({"reconstruction": recon} if recon else {})}
+                    with timer("write_wait"):  # the copy to the CPU, and a free place in the writer's queue
+                        writer.put(i, block_state_dict(block, i), info)
+                seconds = done[i]["seconds"] if i in done else time.perf_counter() - t0
+            release_memory(device)
+            if i < nblocks:
+                records += recs
+                block_seconds.append(seconds)
+                _log_block(bar, i, recs, seconds, i in done)
+    if phases is not None:  # each pruned block's, with its write's seconds on the writer's thread
+        written = writer.seconds if writer is not None else {}
+        phases += [done[i].get("phases", {}) if i in done else
+                   {**exclusive_phases(timers[i].seconds), **({"write": written[i]} if i in written else {})}
+                   for i in range(nblocks)]
     return records, block_seconds
+
+
+def _prune_block(block, i: int, inps, outs, kwargs, dense: DenseStream | None, cfg: PruneConfig, sparsity,
+                 callback, timer: PhaseTimer, ctx: RunContext) -> tuple[list[LinearRecord], dict | None]:
+    """Block i pruned, then reconstructed when there is a dense stream (whose last forward
+    writes the next block's inputs into `outs`); its records and its reconstruction's."""
+    if dense is not None:
+        with timer("forward"):
+            dense.advance(block)  # D_{i+1}, before the block is pruned
+    recs = prune_block(block, i, inps, kwargs, cfg, sparsity, ctx.device, callback, timer, ctx.dist)
+    if dense is None:
+        return recs, None
+    with timer("reconstruct"):
+        return recs, asdict(_reconstruct(block, i, recs, inps, dense, kwargs, cfg, ctx, outs))
+
+
+def _log_block(bar, i: int, recs: list[LinearRecord], seconds: float, resumed: bool):
+    err = mean_layer_error(r.error_pruned for r in recs)
+    bar.set_postfix(err="-" if err is None else f"{err:.4f}", s=f"{seconds:.1f}")
+    log.info("block %d: %.1f s%s, mean layer error %s", i, seconds, " (resumed)" if resumed else "",
+             "not measured" if err is None else f"{err:.5f}")
 
 
 def _reconstruct(block, i: int, recs: list[LinearRecord], inps, dense: DenseStream, kwargs, cfg: PruneConfig,
@@ -167,26 +187,6 @@ def _reconstruct(block, i: int, recs: list[LinearRecord], inps, dense: DenseStre
     return rec
 
 
-def _exclusive(seconds: dict) -> dict:
-    """Phase seconds with the Gram hooks' time taken out of the forwards they ran inside."""
-    out = dict(seconds)
-    if "gram" in out and "forward" in out:
-        out["forward"] -= out["gram"]
-    return out
-
-
-def achieved_block_sparsity(records: list[LinearRecord]) -> list[float]:
-    """Each pruned block's fraction of zeros over its prunable weights, from the records."""
-    zeros: dict[int, float] = {}
-    total: dict[int, int] = {}
-    for r in records:
-        n = r.shape[0] * r.shape[1]
-        zeros[r.block] = zeros.get(r.block, 0.0) + r.sparsity * n
-        total[r.block] = total.get(r.block, 0) + n
-    return [zeros[b] / total[b] for b in sorted(total)]
-
-
-
 def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable | None = None) -> PruneReport:
     """The main job: load, calibrate, evaluate dense, prune, evaluate pruned, save.
 
@@ -195,32 +195,43 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
     blocks are staged beside it as they finish (``cfg.resume`` continues an interrupted run)
     and the checkpoint is renamed into place at the end; from before any work to the end,
     rank 0 holds the output's lock (`lock.OutputLock`: a second run into the same `out` stops
-    at once, naming this one).
+    at once, naming this one). The report times each step (``run_phases``,
+    `report.RUN_PHASES`) and the run to its assembled checkpoint, where the peak memory is
+    taken too: ``total_seconds`` from this call, ``wall_seconds`` from the process's start.
     """
-    t_start = time.perf_counter()
-    dist = current()
+    t_start, dist, steps = time.perf_counter(), current(), PhaseTimer()
     plan = OutputPlan(cfg.out, cfg.overwrite) if cfg.out is not None else None  # checked on every rank
     plan = plan if dist.main else None  # rank 0 alone stages and writes
     _lock_output(plan, dist)
     source = staging = None
     try:
-        ctx, source, tokenizer = _open_source(cfg, model, tokenizer)
+        with steps("open"):
+            ctx, source, tokenizer = _open_source(cfg, model, tokenizer)
         warn_unused_owl(cfg, cfg.sparsity_profile == "owl", "only sparsity_profile owl reads")
         report = PruneReport(config=asdict(cfg), versions=versions(), model=_model_identity(source, ctx.device))
         report.world_size = ctx.dist.world
-        calib_ids = _calibration(cfg, tokenizer, ctx, report)
-        windows = _eval_windows(cfg, tokenizer, ctx, report)
-        staging = _open_staging(cfg, plan, source, ctx, report)
-        if staging is not None:
-            staging.write_rest(rest_state_dict(source.model))
+        report.matmul_precision = cfg.matmul_precision if ctx.device.type == "cuda" else "highest"  # CPU: IEEE
+        report.run_phases = steps.seconds  # filled in as the steps run
+        with steps("calibration"):
+            calib_ids = _calibration(cfg, tokenizer, ctx, report)
+        with steps("eval_windows"):
+            windows = _eval_windows(cfg, tokenizer, ctx, report)
+        with steps("staging"):
+            staging = _open_staging(cfg, plan, source, ctx, report)
+            if staging is not None:
+                staging.write_rest(rest_state_dict(source.model))
         if windows is not None:
-            report.perplexity["dense"] = _perplexity(source, windows, cfg, ctx, "dense")
-        _prune(source, calib_ids, cfg, callback, staging, ctx, report)
+            with steps("dense_perplexity"):
+                report.perplexity["dense"] = _perplexity(source, windows, cfg, ctx, "dense")
+        with steps("prune"):
+            _prune(source, calib_ids, cfg, callback, staging, ctx, report)
         if windows is not None:
-            report.perplexity["pruned"] = _perplexity(_pruned(source, staging, ctx), windows, cfg, ctx, "pruned")
-        report.peak_memory = peak_memory(ctx.device)
-        report.total_seconds = time.perf_counter() - t_start
-        _save(staging, plan, cfg, source, tokenizer, report)
+            with steps("pruned_perplexity"):
+                report.perplexity["pruned"] = _perplexity(_pruned(source, staging, ctx), windows, cfg, ctx,
+                                                          "pruned")
+        final = _assemble(staging, plan, cfg, source, tokenizer, steps)
+        _ended(report, t_start, ctx.device)  # after the assembly, before report.json is written
+        _publish(staging, plan, cfg, final, report)
     except RunInterrupted:
         raise
     except BaseException as error:
@@ -353,13 +364,20 @@ def _pruned(source: BlockSource, staging: Staging | None, ctx: RunContext) -> Bl
     return StagedBlocks(source, Staging.view(*shared)) if source.streamed else source
 
 
-def _save(staging: Staging | None, plan: OutputPlan | None, cfg: PruneConfig, source: BlockSource, tokenizer,
-          report: PruneReport):
-    """The checkpoint assembled onto `out` (rank 0, with `out`), or the scratch staging removed."""
-    if plan is not None:
-        with writing(f"the checkpoint in {staging.path / 'final'}"):
-            late_sigint = assemble(staging, cfg.overwrite, cfg.max_shard_size,
-                                   extras_writer(source.model, tokenizer, report))
+def _assemble(staging: Staging | None, plan: OutputPlan | None, cfg: PruneConfig, source: BlockSource, tokenizer,
+              steps: PhaseTimer) -> Path | None:
+    """The checkpoint's folder made from the staged files (rank 0, with `out`), else None."""
+    if plan is None:
+        return None
+    with steps("assemble"), writing(f"the checkpoint in {staging.path / 'final'}"):
+        return assemble(staging, cfg.max_shard_size, extras_writer(source.model, tokenizer), cfg.shard_per_block)
+
+
+def _publish(staging: Staging | None, plan: OutputPlan | None, cfg: PruneConfig, final: Path | None,
+             report: PruneReport):
+    """The assembled folder, with report.json, renamed onto `out`; or the scratch staging removed."""
+    if final is not None:
+        late_sigint = publish(staging, final, cfg.overwrite, report)
         log.info("saved to %s", plan.out)
         if late_sigint:
             raise RunInterrupted(f"after the checkpoint was complete: {plan.out} holds it")
@@ -367,4 +385,11 @@ def _save(staging: Staging | None, plan: OutputPlan | None, cfg: PruneConfig, so
         staging.discard()
 
 
-__all__ = ["RunInterrupted", "prune_model", "achieved_block_sparsity", "run_prune"]
+def _ended(report: PruneReport, t_start: float, device: torch.device):
+    """The run's end: peak memory, seconds since `t_start` (run_prune's call) and since the process started."""
+    report.peak_memory = peak_memory(device)
+    report.total_seconds = time.perf_counter() - t_start
+    report.wall_seconds = process_seconds()
+
+
+__all__ = ["RunInterrupted", "prune_model", "run_prune"]

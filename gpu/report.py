@@ -30,7 +30,8 @@ class LinearRecord:
 
 
 class PhaseTimer:
-    """Seconds per named phase (`PHASES`: load, forward, gram, share, solve, errors, write) of a block.
+    """Seconds per named phase of a block (`PHASES`: load, forward, gram, share, solve, errors,
+    write, write_wait) or of a run (`RUN_PHASES`).
 
     ``with timer("solve"): ...`` adds the time of the body; on CUDA each boundary
     synchronizes, so the seconds are the device's work, not its queueing. A timer made with
@@ -57,7 +58,12 @@ class PhaseTimer:
 
 
 NO_TIMER = PhaseTimer(enabled=False)
-PHASES = ("load", "forward", "gram", "share", "solve", "errors", "reconstruct", "write")
+PHASES = ("load", "forward", "gram", "share", "solve", "errors", "reconstruct", "write", "write_wait")
+# run_prune's steps: the model's skeleton, tokenizer and NaN scan; the calibration windows; the
+# perplexity windows; the staging folder and the tensors outside the blocks; dense perplexity;
+# the block loop (with OWL's targets); pruned perplexity; the checkpoint's shards and files.
+RUN_PHASES = ("open", "calibration", "eval_windows", "staging", "dense_perplexity", "prune",
+              "pruned_perplexity", "assemble")
 
 
 def phase_totals(blocks: list[dict]) -> dict[str, float]:
@@ -79,12 +85,15 @@ class PruneReport:
     linears: list = field(default_factory=list)
     block_sparsity: dict = field(default_factory=dict)  # profile, per-block targets and achieved (OWL: ratios)
     block_seconds: list = field(default_factory=list)
-    block_phases: list = field(default_factory=list)  # per block: seconds of load/forward/gram/solve/errors/write
+    block_phases: list = field(default_factory=list)  # per block: seconds of each of PHASES
     resumed_blocks: list = field(default_factory=list)  # blocks taken from an interrupted run
     block_reconstruction: list = field(default_factory=list)  # per block: error_before/after, steps, seconds
-    total_seconds: float = 0.0
+    matmul_precision: str = ""  # what the solves' float32 products ran with: "high" (TF32) on CUDA only
+    run_phases: dict = field(default_factory=dict)  # seconds of each of RUN_PHASES that ran
+    total_seconds: float = 0.0  # run_prune, from its call to the checkpoint assembled
+    wall_seconds: float = 0.0  # the same end, from the process's start (`process_seconds`)
     prune_seconds: float = 0.0
-    peak_memory: dict = field(default_factory=dict)
+    peak_memory: dict = field(default_factory=dict)  # taken at the same end, after the assembly
     perplexity: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -94,6 +103,9 @@ class PruneReport:
             "mean_layer_error": mean_layer_error(r["error_pruned"] for r in self.linears),
             "perplexity": self.perplexity,
             "prune_seconds": self.prune_seconds,
+            "total_seconds": self.total_seconds,
+            "wall_seconds": self.wall_seconds,
+            "run_phases": self.run_phases,
             "phase_seconds": phase_totals(self.block_phases),
             "resumed_blocks": len(self.resumed_blocks),
             **({"reconstruction_error": {
@@ -126,6 +138,22 @@ def versions() -> dict:
         "scipy": scipy.__version__, "platform": platform.platform(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
     }
+
+
+_IMPORTED = time.time()
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (interpreter start-up and imports included).
+
+    Linux: the process's start time (field 22 of /proc/self/stat, clock ticks since boot)
+    against /proc/uptime, both 10 ms grained. Elsewhere: seconds since this module was
+    imported (which misses the interpreter's start and the imports before it)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # after "(command name)"
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return time.time() - _IMPORTED
 
 
 def peak_rss_bytes() -> int:
@@ -188,3 +216,22 @@ def missing_parents(out: str) -> list[Path]:
             return missing[::-1]
         missing.append(parent)
     return missing[::-1]
+
+
+def exclusive_phases(seconds: dict) -> dict:
+    """Phase seconds with the Gram hooks' time taken out of the forwards they ran inside."""
+    out = dict(seconds)
+    if "gram" in out and "forward" in out:
+        out["forward"] -= out["gram"]
+    return out
+
+
+def achieved_block_sparsity(records: list[LinearRecord]) -> list[float]:
+    """Each pruned block's fraction of zeros over its prunable weights, from the records."""
+    zeros: dict[int, float] = {}
+    total: dict[int, int] = {}
+    for r in records:
+        n = r.shape[0] * r.shape[1]
+        zeros[r.block] = zeros.get(r.block, 0.0) + r.sparsity * n
+        total[r.block] = total.get(r.block, 0) + n
+    return [zeros[b] / total[b] for b in sorted(total)]

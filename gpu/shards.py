@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .checks import all_finite
 from .models import ModelError
 
 INDEX = "model.safetensors.index.json"
@@ -80,7 +81,7 @@ class Checkpoint:
         count in RSS until the shard is closed). Returns {file: bytes}, the checkpoint's
         identity for the resume manifest.
         """
-        sizes = {}
+        sizes, buffer = {}, torch.empty(0, dtype=torch.uint8)
         for path in self.files():
             with open_safetensors(path):
                 pass  # a header safetensors itself accepts
@@ -91,12 +92,13 @@ class Checkpoint:
                     if dtype is None:
                         continue
                     b, e = info["data_offsets"]
+                    if buffer.numel() < e - b:  # one buffer, as large as the largest tensor
+                        buffer = torch.empty(e - b, dtype=torch.uint8)
+                    raw = buffer[:e - b]
                     f.seek(start + b)
-                    raw = f.read(e - b)
-                    if len(raw) != e - b:
+                    if f.readinto(memoryview(raw.numpy())) != e - b:
                         raise ModelError(f"{path}: truncated inside tensor {k}")
-                    t = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0)
-                    if not bool(torch.isfinite(t).all()):
+                    if not all_finite(raw.view(dtype)):
                         raise ModelError(f"{k} holds NaN/Inf in the stored weights ({path.name}, checked at "
                                          f"load, before any pruning); the checkpoint is damaged, pruning cannot "
                                          f"repair it")

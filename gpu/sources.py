@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, ContextManager, Protocol, runtime_checkable
 
 import torch
 
+from .checks import all_finite
 from .models import ModelError, decoder_layers, unused_block_keys
 from .shards import Checkpoint, block_prefix, is_block_key
 
@@ -100,7 +101,7 @@ class InMemoryModel:
 
     def check_finite(self):
         for name, p in self.model.named_parameters():
-            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            if p.is_floating_point() and not all_finite(p):
                 raise ModelError(f"{name} holds NaN/Inf in the stored weights (checked at load, before any "
                                  f"pruning); the checkpoint is damaged, pruning cannot repair it")
 
@@ -182,7 +183,7 @@ class StagedBlocks:
         """The staged blocks' weights, each block read once (the rest is `source`'s)."""
         for i in sorted(self.staging.finished):
             for name, t in self.staging.read_block(i).items():
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if t.is_floating_point() and not all_finite(t):
                     raise ModelError(f"{name} holds NaN/Inf in staged block {i} ({self.staging.path})")
 
     def identity(self) -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+
 from .config import PipelineError
 from .diskspace import writing
 from .distributed import Dist
@@ -164,6 +165,7 @@ class Staging:
             write_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=1))
 
     def _write(self, name: str, tensors: dict) -> dict:
+        """One staged file and its manifest entry; a failed write (a full disk) is a user error."""
         path = self.path / name
         with writing(path):  # a full disk: one line naming the file
             _save(tensors, path)
@@ -175,7 +177,9 @@ class Staging:
             self._save_manifest()
 
     def write_block(self, i: int, tensors: dict, info: dict):
-        """Block i is done: its file, then the manifest entry (with `info`: records, seconds)."""
+        """Block i is done: its file, then the manifest entry (with `info`: records, seconds).
+        The engine calls it on the writer's thread (`writer.BlockWriter`), the only writer of the
+        manifest while the block loop runs."""
         entry = self._write(f"block-{i:05d}.safetensors", tensors)
         self.manifest["blocks"][str(i)] = {**entry, **info}
         self._save_manifest()

@@ -89,6 +89,24 @@ def test_resume_and_shard_size_defaults():
     assert cli.build_parser().parse_args(["prune", "--resume"]).resume is True
 
 
+def test_matmul_precision_is_tf32_unless_highest_and_decides_the_weights():
+    from admm_prune.gpu.config import PruneConfig
+
+    default = PruneConfig(**_prune_options([]))
+    highest = PruneConfig(**_prune_options(["--matmul-precision", "highest"]))
+    assert default.matmul_precision == "high" and default.engine_solver_kwargs()["allow_tf32"] is True
+    assert highest.engine_solver_kwargs()["allow_tf32"] is False
+    assert default.fingerprint()["matmul_precision"] != highest.fingerprint()["matmul_precision"]  # resume refuses
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["prune", "--matmul-precision", "medium"])
+
+
+def _prune_options(argv: list[str]) -> dict:
+    options = vars(cli.build_parser().parse_args(["prune", *argv]))
+    options.pop("command"), options.pop("verbose")
+    return options
+
+
 def test_any_bad_flag_is_one_line(capsys):
     for argv in (["prune", "--iters", "x"], ["prune", "--no-such-flag"], [], ["eval", "--dtype", "int8"]):
         with pytest.raises(SystemExit) as exit_info:

@@ -128,23 +128,49 @@ def long_docs(n, words):
     return [" ".join(f"d{d}w{w}" for w in range(words)) for d in range(n)]
 
 
+def wanda_windows(texts, tokenizer, nsamples, seqlen, seed):
+    """The same random calls, written out as in Wanda's get_c4 (one tokenizer call per draw);
+    returns the windows and the documents drawn."""
+    import random
+
+    rng, windows, draws = random.Random(seed), [], []
+    for _ in range(nsamples):
+        while True:
+            draws.append(rng.randint(0, len(texts) - 1))
+            ids = tokenizer(texts[draws[-1]]).input_ids
+            if len(ids) > seqlen:
+                break
+        start = rng.randint(0, len(ids) - seqlen - 1)
+        windows.append(ids[start : start + seqlen])
+    return windows, draws
+
+
 def test_random_window_mode_is_the_wanda_sampler(tokenizer):
     texts = long_docs(12, 40) + ["short"] * 8
     samples, info = sample_calibration(texts, tokenizer, nsamples=6, seqlen=32, seed=3)
     assert samples.shape == (6, 32) and samples.dtype == torch.long
     assert info["mode"] == "random-window" and info["long_documents"] >= 6
-    # the same random calls, written out as in Wanda's get_c4 (one tokenizer call per draw)
-    import random
+    assert samples.tolist() == wanda_windows(texts, tokenizer, 6, 32, seed=3)[0]
 
-    rng, expected = random.Random(3), []
-    for _ in range(6):
-        while True:
-            ids = tokenizer(texts[rng.randint(0, len(texts) - 1)]).input_ids
-            if len(ids) > 32:
-                break
-        start = rng.randint(0, len(ids) - 32 - 1)
-        expected.append(ids[start : start + 32])
+
+def test_documents_drawn_past_the_scanned_prefix_are_tokenized_in_batches(tokenizer):
+    """One long document in 20, 600 documents: the prefix scan stops after 128; the draws
+    beyond it are tokenized a batch at a time (with the documents the next draws pick if each
+    is rejected), not one call per draw, and the windows are Wanda's."""
+    texts = [" ".join(f"d{d}w{w}" for w in range(40 if d % 20 == 0 else 1)) for d in range(600)]
+    calls = []
+
+    def counting(batch, **kw):
+        calls.append(len(batch))
+        return tokenizer(batch, **kw)
+
+    samples, info = sample_calibration(texts, counting, nsamples=6, seqlen=32, seed=3)
+    expected, draws = wanda_windows(texts, tokenizer, 6, 32, seed=3)
     assert samples.tolist() == expected
+    unseen = {i for i in draws if i >= info["documents_scanned"]}
+    prefix_calls = info["documents_scanned"] // 64
+    assert info["documents_scanned"] == 128 and len(unseen) > 40
+    assert len(calls) - prefix_calls < len(unseen) / 4, (len(calls), len(unseen))
 
 
 def test_sampler_is_deterministic_per_seed_and_differs_across_seeds(tokenizer):

@@ -227,6 +227,19 @@ def test_failure_before_any_block_finished_leaves_nothing(corpus, tmp_path):
     assert list(tmp_path.iterdir()) == [], "no staging folder, no parent folders the run created"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_finds_every_nan_and_inf(dtype):
+    from admm_prune.gpu.checks import all_finite
+
+    t = torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert all_finite(t) and all_finite(t[:0])
+    for where in (0, 517, 999):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            u = t.clone()
+            u[where] = bad
+            assert not all_finite(u), (where, bad)
+
+
 def test_nan_in_weights_found_at_load_before_any_pruning(corpus):
     model, tok = models.tiny_model("llama")
     with torch.no_grad():

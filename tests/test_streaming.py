@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -18,12 +19,15 @@ from synth import write_corpus
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from admm_prune.gpu import models, pipeline  # noqa: E402
+from admm_prune.gpu import cli, models, pipeline  # noqa: E402
+from admm_prune.gpu import staging as staging_mod  # noqa: E402
 from admm_prune.gpu.config import DTYPES, EvalConfig, PipelineError, PruneConfig  # noqa: E402
 from admm_prune.gpu.evaluate import load_eval_windows, perplexity, run_eval  # noqa: E402
-from admm_prune.gpu.output import merge_safetensors  # noqa: E402
+from admm_prune.gpu.output import assemble, merge_safetensors  # noqa: E402
 from admm_prune.gpu.shards import INDEX  # noqa: E402
 from admm_prune.gpu.sources import open_model  # noqa: E402
+from admm_prune.gpu.staging import Staging  # noqa: E402
+from admm_prune.gpu.writer import BlockWriter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,6 +98,79 @@ def test_merged_shard_is_byte_exact(tmp_path):
     merged = load_file(tmp_path / "m.safetensors")
     for k, v in {**a, **b}.items():
         assert merged[k].dtype == v.dtype and torch.equal(merged[k], v), k
+
+
+def test_each_block_is_a_shard_of_its_own_hard_linked_when_asked(tmp_path):
+    staging = Staging(tmp_path / "out")
+    staging.start({}, resume=False)
+    staging.write_rest({"model.embed_tokens.weight": torch.ones(4, 2)})
+    for i in range(3):
+        staging.write_block(i, {f"model.layers.{i}.w": torch.full((3,), float(i))}, {})
+    staged = staging.files()
+    final = assemble(staging, max_shard_size=10**9, write_extras=lambda folder: None, per_block=True)
+    shards = sorted(final.glob("*.safetensors"))
+    assert [p.name for p in shards] == [f"model-0000{k}-of-00004.safetensors" for k in range(1, 5)]
+    assert all(os.path.samefile(a, b) for a, b in zip(staged, shards)), "links, not copies"
+    index = json.loads((final / INDEX).read_text())["weight_map"]
+    assert index["model.layers.2.w"] == shards[3].name and index["model.embed_tokens.weight"] == shards[0].name
+
+
+def test_blocks_are_written_on_a_thread_and_every_step_is_timed(corpus, tmp_path):
+    ck = _save(tmp_path, "llama", num_hidden_layers=3)
+    out = tmp_path / "out"
+    report = pipeline.run_prune(_cfg(corpus, model=str(ck), out=str(out)))
+    assert len(report.block_phases) == 3
+    assert all(p["write"] > 0 and p["write_wait"] >= 0 for p in report.block_phases), report.block_phases
+    assert list(report.run_phases) == ["open", "calibration", "eval_windows", "staging", "prune", "assemble"]
+    assert report.total_seconds >= sum(report.run_phases.values()) and report.wall_seconds > report.total_seconds
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["run_phases"]["assemble"] > 0 and saved["wall_seconds"] == report.wall_seconds
+    assert saved["matmul_precision"] == "highest", "the CPU multiplies in IEEE float32"
+
+
+def test_block_writer_raises_a_failed_write_in_the_loop_and_writes_nothing_after_it():
+    boom = PipelineError("cannot write block 1")
+
+    class Failing:
+        written: list = []
+
+        def write_block(self, i, tensors, info):
+            if i == 1:
+                raise boom
+            self.written.append(i)
+
+    with pytest.raises(PipelineError) as caught:
+        with BlockWriter(Failing()) as writer:
+            for i in range(4):
+                writer.put(i, {}, {})
+    assert caught.value is boom and Failing.written == [0]
+
+
+def test_a_failed_block_write_is_a_one_line_error_and_the_blocks_before_it_resume(corpus, tmp_path, monkeypatch,
+                                                                                   capsys):
+    ck = _save(tmp_path, "llama", num_hidden_layers=4)
+    out = tmp_path / "out"
+    real = staging_mod.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        if "block-00002" in path:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(staging_mod, "save_file", full_disk)
+    argv = ["prune", "--model", str(ck), "--calib", str(corpus / "calib.jsonl"), "--eval", "none", "--nsamples", "4",
+            "--seqlen", "32", "--iters", "6", "--mask-steps", "4", "--device", "cpu", "--no-progress",
+            "--out", str(out)]
+    assert cli.main(argv) == cli.EXIT_USER_ERROR
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("admm-prune:")]
+    staged = tmp_path / ".out.staging"
+    assert len(said) == 1 and said[0].startswith(
+        f"admm-prune: error: could not write {staged / 'block-00002.safetensors'}: No space left on device")
+    assert "--resume" in said[0]
+    assert sorted(json.loads((staged / "manifest.json").read_text())["blocks"]) == ["0", "1"]
+    monkeypatch.setattr(staging_mod, "save_file", real)
+    assert cli.main(argv + ["--resume"]) == 0
+    assert json.loads((out / "report.json").read_text())["resumed_blocks"] == [0, 1]
 
 
 def _interrupt_after_block(k):
