@@ -15,7 +15,7 @@
 # memory, per run), $OUT/results.tgz (logs and report.json files).
 #
 #   bash benchmarks/device_run.sh                                   # on the GPU machine
-#   DEVICE=cpu SHAPE7B=tiny SHAPE70B=tiny BLOCKS7B=2 NSAMPLES=4 SEQLEN=256 bash benchmarks/device_run.sh  # a dry run
+#   DEVICE=cpu SHAPE7B=tiny SHAPE70B=smollm2 BLOCKS7B=2 NSAMPLES=4 SEQLEN=256 bash benchmarks/device_run.sh  # CPU dry run
 #
 # Needs python with torch, transformers, safetensors, pytest, hypothesis; no network, no pip
 # install: admm_prune.reference and admm_prune.gpu are made importable from this checkout
@@ -74,7 +74,7 @@ print("python", platform.python_version(), "torch", torch.__version__, "cuda", t
       torch.cuda.get_device_name() if torch.cuda.is_available() else "(no cuda)", "| engine", G.__file__)
 EOF
 
-step tier2 60 110 python -m pytest -m gpu tests/test_parity.py -p no:cacheprovider -q -rs \
+step tier2 60 130 python -m pytest -m gpu tests/test_parity.py -p no:cacheprovider -q -rs \
     -W ignore::DeprecationWarning --junitxml="$WORK/tier2.xml"
 step ckpt-7b 20 90 python benchmarks/random_checkpoint.py --shape "$SHAPE7B" --blocks "$BLOCKS7B" \
     --out "$WORK/ck-$SHAPE7B" --device "$DEVICE"
