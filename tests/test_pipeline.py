@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from admm_prune.reference.errors import AdmmPruneError
-from synth import write_corpus
+from synth import skip_without_smollm2, write_corpus
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 import admm_prune.gpu as G  # noqa: E402
 import admm_prune.reference as R  # noqa: E402
 from admm_prune.gpu import blocks, cli, data, models, pipeline  # noqa: E402
-from admm_prune.gpu.config import EvalConfig, PipelineError, PruneConfig  # noqa: E402
+from admm_prune.gpu.config import EvalConfig, PruneConfig  # noqa: E402
 from admm_prune.gpu.evaluate import load_eval_windows, perplexity  # noqa: E402
 
 SHARED = Path(os.environ.get("ADMM_PRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -422,13 +422,7 @@ def test_cli_module_entry_point_help():
 
 @pytest.mark.model
 def test_smollm2_two_blocks(tmp_path):
-    pytest.importorskip("gguf")
-    try:
-        models.embedded_gguf()
-    except models.ModelError as e:
-        pytest.skip(str(e))
-    if not (SHARED / "c4").is_dir():
-        pytest.skip(f"shared data not found at {SHARED}")
+    skip_without_smollm2(SHARED)
     cfg = PruneConfig(
         model=None, method="admm-grad", calib=str(SHARED / "c4" / "c4_train_first1000_reserialized.jsonl"),
         eval=str(SHARED / "wikitext-2-raw" / "wiki.valid.raw"), nsamples=4, seqlen=128,

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from synth import skip_without_smollm2
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -67,22 +68,10 @@ def prune_and_hash(name: str, out: Path) -> str:
     return checkpoint_sha256(out)
 
 
-def _needs_smollm2():
-    pytest.importorskip("gguf")
-    from admm_prune.gpu import models
-
-    try:
-        models.embedded_gguf()
-    except models.ModelError as e:
-        pytest.skip(str(e))
-    if not (SHARED / "c4").is_dir():
-        pytest.skip(f"shared data not found at {SHARED}")
-
-
 @pytest.mark.model
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_smollm2_weights_are_those_before_the_refactor(name, tmp_path):
-    _needs_smollm2()
+    skip_without_smollm2(SHARED)
     assert prune_and_hash(name, tmp_path / name) == CASES[name][1]
 
 
