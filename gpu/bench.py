@@ -300,7 +300,10 @@ def _bench(cfg: BenchConfig, model, tokenizer) -> dict:
                "peak_memory_gib": mem.gib, "linear_sparsity": linear_sparsity(model),
                "mean_layer_error": mean_layer_error(errors),
                "block_output_error": ({"before": mean_layer_error(r["error_before"] for r in recon),
-                                       "after": mean_layer_error(r["error_after"] for r in recon)} if recon else None),
+                                       "after": mean_layer_error(r["error_after"] for r in recon),
+                                       "blocks": len(recon), "lowered": sum(r["error_after"] < r["error_before"]
+                                                                            for r in recon),
+                                       "reverted": sum(bool(r["reverted"]) for r in recon)} if recon else None),
                "perplexity": perplexity(model, windows, desc=f"{impl} {method} {setting} seed {seed}", **eval_kw)}
         log.info("%s", run)
         result["runs"].append(run)

@@ -143,6 +143,8 @@ def test_bench_variant_and_cli_flags(corpus, tmp_path):
     plain, tuned = res["runs"]
     assert plain["block_output_error"] is None
     assert tuned["block_output_error"]["after"] < tuned["block_output_error"]["before"]
+    counts = tuned["block_output_error"]
+    assert counts["blocks"] == model.config.num_hidden_layers and counts["lowered"] + counts["reverted"] == counts["blocks"]
     assert tuned["phase_seconds"]["reconstruct"] > 0
     with pytest.raises(AdmmPruneError, match="reconstruct_steps"):
         bench.BenchConfig(methods=("admm-grad+reconstruct",))
