@@ -31,8 +31,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def summarize(runs: list[dict], baseline_method: str | None) -> list[dict]:
     """Per (setting, implementation, method): perplexity and prune time over the seeds (mean, std,
     each seed's value) and, with a baseline method, the ratio to it taken per seed on the same
-    calibration (paired), then averaged."""
-    base = {(r["setting"], r["seed"]): r["perplexity"] for r in runs
+    calibration (paired), then averaged; prune times likewise."""
+    base = {(r["setting"], r["seed"]): r for r in runs
             if r["impl"] == "admm-prune" and r["method"] == baseline_method}
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
@@ -43,10 +43,13 @@ def summarize(runs: list[dict], baseline_method: str | None) -> list[dict]:
         row = {"setting": setting, "impl": impl, "method": method, "seeds": [r["seed"] for r in rs],
                "perplexities": ppl, "perplexity_mean": mean_std(ppl)[0], "perplexity_std": mean_std(ppl)[1],
                "prune_seconds_mean": mean_std([r["prune_seconds"] for r in rs])[0]}
-        ratios = [r["perplexity"] / base[(setting, r["seed"])] for r in rs if (setting, r["seed"]) in base]
-        if baseline_method is not None and len(ratios) == len(rs):
+        paired = [(r, base[(setting, r["seed"])]) for r in rs if (setting, r["seed"]) in base]
+        if baseline_method is not None and len(paired) == len(rs):
+            ratios = [r["perplexity"] / b["perplexity"] for r, b in paired]
+            times = [r["prune_seconds"] / b["prune_seconds"] for r, b in paired]
             row.update(ratio_to=baseline_method, ratios=ratios, ratio_mean=mean_std(ratios)[0],
-                       ratio_std=mean_std(ratios)[1])
+                       ratio_std=mean_std(ratios)[1], time_ratios=times, time_ratio_mean=mean_std(times)[0],
+                       time_ratio_std=mean_std(times)[1])
         out.append(row)
     return out
 
@@ -69,12 +72,15 @@ def format_markdown(result: dict) -> str:
         lines += [f"Mean ± std over {len(seeds)} calibration seeds"
                   + (f"; ratio to {base} taken per seed (same calibration), then averaged:" if base else ":"), "",
                   "| setting | implementation | method | perplexity | " + (f"/ {base} | " if base else "")
-                  + "prune time (s) |", "|---|---|---|---:|" + ("---:|" if base else "") + "---:|"]
+                  + "prune time (s) |" + (" time / base |" if base else ""),
+                  "|---|---|---|---:|" + ("---:|" if base else "") + "---:|" + ("---:|" if base else "")]
         for r in summary:
             ratio = (f"{r['ratio_mean']:.3f} ± {r['ratio_std']:.3f} | " if "ratio_mean" in r else
                      ("— | " if base else ""))
+            time_ratio = (f" {r['time_ratio_mean']:.2f} ± {r['time_ratio_std']:.2f} |" if "time_ratio_mean" in r else
+                          (" — |" if base else ""))
             lines.append(f"| {r['setting']} | {r['impl']} | {r['method']} | {r['perplexity_mean']:.3f} ± "
-                         f"{r['perplexity_std']:.3f} | {ratio}{r['prune_seconds_mean']:.1f} |")
+                         f"{r['perplexity_std']:.3f} | {ratio}{r['prune_seconds_mean']:.1f} |{time_ratio}")
         lines += ["", "Each run:", ""]
     lines += [
         "| seed | setting | implementation | method | perplexity | ppl / llmc-SparseGPT | prune time (s) "

@@ -54,6 +54,8 @@ def test_seeds_give_mean_std_and_paired_ratios(corpus, tmp_path, monkeypatch):
         ratios = [by[(row["method"], s)] / by[("wanda", s)] for s in (0, 1, 2)]
         assert row["ratios"] == pytest.approx(ratios)  # paired per seed, not a ratio of means
         assert row["ratio_mean"] == pytest.approx(sum(ratios) / 3)
+        secs = {(r["method"], r["seed"]): r["prune_seconds"] for r in res["runs"]}
+        assert row["time_ratios"] == pytest.approx([secs[(row["method"], s)] / secs[("wanda", s)] for s in (0, 1, 2)])
     wanda = next(r for r in res["summary"] if r["method"] == "wanda")
     assert wanda["ratio_mean"] == 1.0 and wanda["ratio_std"] == 0.0
     md = (tmp_path / "b.md").read_text()
