@@ -126,21 +126,12 @@ def _solve_cost(block, names: list[str], cfg: PruneConfig) -> float:
 
 def check_model(model, cfg: PruneConfig):
     """What can be known from the config and the skeleton: num_blocks within the depth, window
-    lengths (within the context, and within the sliding window where layers mix sliding and
-    full attention), a target linear in every block, N:M divisibility."""
+    lengths within the context, a target linear in every block, N:M divisibility."""
     depth = len(model.model.layers)
     if cfg.num_blocks is not None and cfg.num_blocks > depth:
         raise PipelineError(f"num_blocks {cfg.num_blocks} exceeds the {depth} decoder blocks of the model",
                             field="num_blocks")
     check_seqlen_fits(model, seqlen=cfg.seqlen, eval_seqlen=cfg.eval_seqlen)
-    window = models_mod.mixed_sliding_window(model)
-    lengths = {"seqlen": cfg.seqlen if cfg.needs_calibration else None,
-               "eval_seqlen": (cfg.eval_seqlen or cfg.seqlen) if cfg.eval is not None else None}
-    for name, value in lengths.items():
-        if window is not None and value is not None and value > window:
-            raise PipelineError(f"{name} {value} exceeds the sliding window of {window} tokens: the layers of "
-                                f"{type(model).__name__} mix sliding and full attention, and block-by-block "
-                                f"forwards give every block the mask of block 0")
     for i, block in enumerate(model.model.layers):
         names = models_mod.prunable_linears(block, cfg.targets, cfg.ignore)
         if not names:
@@ -171,9 +162,9 @@ def block_targets(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, ctx: 
     for i in tqdm(range(nblocks), desc="outlier ratios (dense)", disable=not cfg.progress, leave=False):
         with source.block(i) as block, visiting([block], device):
             names = models_mod.prunable_linears(block, cfg.targets, cfg.ignore)
-            groups = shared_input_groups(block, names, inps[:1], kwargs, device)
+            groups = shared_input_groups(block, names, inps[:1], kwargs.at(i), device)
             with NormCollector(block, [g[0] for g in groups], device) as norms:
-                run_block(block, inps, kwargs, device, outs)
+                run_block(block, inps, kwargs.at(i), device, outs)
             Ws = [block.get_submodule(n).weight for g in groups for n in g]
             group_cols = [dist.sum_(norms.grams[g[0]]).sqrt().float() for g in groups]  # one all_reduce each
             cols = [c for g, c in zip(groups, group_cols) for _ in g]

@@ -3,7 +3,8 @@ share an input, Gram hooks.
 
 The first block's inputs are captured with a ``forward_pre_hook(with_kwargs=True)`` that
 keeps every keyword argument (``position_embeddings``, masks, ...) and stops the forward
-with a private exception. No KV cache is ever passed along (``use_cache=False``): a cache
+with a private exception (at the first block of the last attention type, where types mix:
+`BlockKwargs`). No KV cache is ever passed along (``use_cache=False``): a cache
 reused across calibration samples makes each sample attend to the previous ones.
 """
 
@@ -53,41 +54,98 @@ def visiting(modules, device):
             m.to(home)
 
 
+class BlockKwargs:
+    """The keyword arguments (masks, ``position_embeddings``, ...) each decoder block is called
+    with. One dict serves every block of a uniform model; where ``config.layer_types`` mixes
+    attention types (Gemma-2's alternating sliding and full attention, Qwen2 with
+    ``use_sliding_window``), each type has its own, since the model hands each block the mask of
+    its type."""
+
+    def __init__(self, by_type: dict, types: list | None = None):
+        self.by_type, self.types = by_type, types
+
+    def at(self, i: int) -> dict:
+        """Block i's keyword arguments."""
+        return self.by_type[self.types[i] if self.types else None]
+
+    def to(self, device) -> "BlockKwargs":
+        return BlockKwargs({t: to_device(kw, device) for t, kw in self.by_type.items()}, self.types)
+
+
+def _firsts(model) -> dict:
+    """{attention type: index of its first block} from ``config.layer_types`` ({None: 0} when
+    the config has no types or a single one: block 0's arguments then serve every block)."""
+    types = list(getattr(model.config, "layer_types", None) or ())[:len(model.model.layers)]
+    if len(set(types)) < 2:
+        return {None: 0}
+    return {t: types.index(t) for t in dict.fromkeys(types)}
+
+
+def _passthrough(hidden_states=None, *args, **kwargs):
+    """A block's stand-in while the capture forwards to a later block: its input, unchanged."""
+    return hidden_states
+
+
+@contextlib.contextmanager
+def _forward_to(layers, last: int):
+    """Blocks 0..last-1 pass their input through (never run: they may still be on the meta
+    device); any forward an instance had of its own (accelerate's hooks) is put back after."""
+    saved = [layer.__dict__.get("forward") for layer in layers[:last]]
+    try:
+        for layer in layers[:last]:
+            layer.forward = _passthrough
+        yield
+    finally:
+        for layer, fwd in zip(layers[:last], saved):
+            if fwd is None:
+                del layer.forward
+            else:
+                layer.forward = fwd
+
+
 @torch.no_grad()
 def capture_block_inputs(model, input_ids: torch.Tensor, device, store_device, progress=True):
     """Run the model up to decoder block 0 for each row of `input_ids` (batch 1).
 
-    Returns (hidden states [n, seqlen, hidden] on `store_device`, the block's keyword
-    arguments on `device`). Only the modules before the blocks (embeddings, rotary) are
-    moved to `device`; the blocks are never run (they may still be on the meta device).
+    Returns (hidden states [n, seqlen, hidden] on `store_device`, the blocks' keyword arguments
+    on `device` as a `BlockKwargs`). Only the modules before the blocks (embeddings, rotary)
+    are moved to `device`; the blocks are never run (they may still be on the meta device).
+    Where attention types mix, the forward goes on (earlier blocks passing their input
+    through) to the first block of each type, once, to keep that type's arguments.
     """
-    captured: dict = {}
+    captured, by_type = {}, {}  # block 0's hidden states; each type's first arguments
+    firsts = _firsts(model)
+    layers = model.model.layers
+    last = max(firsts.values())
 
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        captured["hidden"] = hidden
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
+    def hook(kind, i):
+        def record(module, args, kwargs):
+            if i == 0:
+                captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+            by_type.setdefault(kind, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if i == last:
+                raise _StopForward
+        return record
 
     pre = [m for n, m in model.model.named_children() if n not in ("layers", "norm")]
-    handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    hiddens, kwargs = [], None
+    handles = [layers[i].register_forward_pre_hook(hook(t, i), with_kwargs=True) for t, i in firsts.items()]
+    hiddens = []
     try:
-        with visiting(pre, device):
+        with visiting(pre, device), _forward_to(layers, last):
             for i in tqdm(range(input_ids.shape[0]), desc="capture inputs", disable=not progress, leave=False):
                 with contextlib.suppress(_StopForward):
                     model.model(input_ids=input_ids[i:i + 1].to(device), use_cache=False)
                 hiddens.append(captured["hidden"].to(store_device))
-                if kwargs is None:
-                    kwargs = captured["kwargs"]
     finally:
-        handle.remove()
-    # never carry a KV cache between samples
-    for k in ("past_key_value", "past_key_values", "cache"):
-        if k in kwargs:
-            kwargs[k] = None
-    kwargs["use_cache"] = False
-    return torch.cat(hiddens), to_device(kwargs, device)
+        for h in handles:
+            h.remove()
+    for kwargs in by_type.values():
+        for k in ("past_key_value", "past_key_values", "cache"):  # never carry a KV cache between samples
+            if k in kwargs:
+                kwargs[k] = None
+        kwargs["use_cache"] = False
+    types = None if None in firsts else list(model.config.layer_types)
+    return torch.cat(hiddens), BlockKwargs(by_type, types).to(device)
 
 
 def release_memory(device: torch.device) -> None:

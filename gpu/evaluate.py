@@ -50,7 +50,7 @@ def perplexity(model, windows: torch.Tensor, device=None, offload_activations: b
     buf = torch.empty_like(hid)
     for i in tqdm(range(source.num_blocks), desc=desc, disable=not progress, leave=False):
         with source.block(i) as block, visiting([block], device):
-            run_block(block, hid, kwargs, device, buf)
+            run_block(block, hid, kwargs.at(i), device, buf)
         hid, buf = buf, hid
     m = source.model
     losses = []

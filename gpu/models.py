@@ -224,16 +224,6 @@ def prunable_linears(block, targets: tuple[str, ...] = (), ignore: tuple[str, ..
             and not any(re.search(t, name) for t in ignore)]
 
 
-def mixed_sliding_window(model) -> int | None:
-    """The sliding window of a model whose layers mix sliding and full attention (Gemma-2,
-    Qwen2/3 with ``use_sliding_window``; config ``layer_types``), else None. Windows longer
-    than it give different layers different masks, and a block-by-block forward passes every
-    block the mask captured at block 0."""
-    types = getattr(model.config, "layer_types", None) or ()
-    window = getattr(model.config, "sliding_window", None)
-    return window if len(set(types)) > 1 and window else None
-
-
 def check_tokenizer_fits(model, tokenizer):
     """Refuse a tokenizer whose ids can index past the input embedding (an IndexError mid-run
     otherwise). Fewer tokens than rows is common (vocabularies padded to a multiple of 64)."""

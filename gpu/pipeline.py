@@ -108,7 +108,7 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
     if cfg.spec.needs != "weights" or cfg.reconstruct_steps:
         inps, kwargs = capture_block_inputs(source.model, dist.share(calib_ids), device, store, cfg.progress)
         outs = torch.empty_like(inps) if nblocks > 1 else None  # only forwards between pruned blocks
-        dense = DenseStream(inps, kwargs, device) if cfg.reconstruct_steps else None  # its targets
+        dense = DenseStream(inps, device) if cfg.reconstruct_steps else None  # its targets
     records, block_seconds, timers = [], [], {}
     bar = tqdm(range(source.num_blocks), desc=f"prune {cfg.method}", disable=not cfg.progress)
     with BlockWriter(staging) if staging is not None else contextlib.nullcontext() as writer:
@@ -117,7 +117,7 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
             timer = timers[i] = PhaseTimer(device)
             if dense is not None and i in done and i < nblocks:  # resumed: the dense block from the source
                 with source.block(i) as dense_block, visiting([dense_block], device), timer("forward"):
-                    dense.advance(dense_block)
+                    dense.advance(dense_block, kwargs.at(i))
             with contextlib.ExitStack() as stack:
                 with timer("load"):
                     staged = dist.broadcast_object(staging.read_block(i) if i in done and dist.main else None)
@@ -126,14 +126,14 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
                 if i in done:  # pruned before the interruption: its forward only
                     recs, recon = [LinearRecord(**r) for r in done[i]["records"]], done[i].get("reconstruction")
                 else:
-                    recs, recon = (_prune_block(block, i, inps, outs, kwargs, dense, cfg, targets[i], callback, timer,
+                    recs, recon = (_prune_block(block, i, inps, outs, kwargs and kwargs.at(i), dense, cfg, targets[i], callback, timer,
                                                 ctx) if i < nblocks else ([], None))
                 if reconstruction is not None and recon is not None:
                     reconstruction.append(recon)
                 if inps is not None and i < nblocks - 1:  # the next block's inputs (none after the last)
                     if i in done or dense is None:  # (a reconstruction's last forward made them)
                         with timer("forward"):
-                            run_block(block, inps, kwargs, device, outs)
+                            run_block(block, inps, kwargs.at(i), device, outs)
                     check_finite(outs, f"block {i} outputs after pruning")
                     inps, outs = outs, inps
                 if writer is not None and i not in done:  # written on the writer's thread
@@ -161,7 +161,7 @@ def _prune_block(block, i: int, inps, outs, kwargs, dense: DenseStream | None, c
     writes the next block's inputs into `outs`); its records and its reconstruction's."""
     if dense is not None:
         with timer("forward"):
-            dense.advance(block)  # D_{i+1}, before the block is pruned
+            dense.advance(block, kwargs)  # D_{i+1}, before the block is pruned
     recs = prune_block(block, i, inps, kwargs, cfg, sparsity, ctx.device, callback, timer, ctx.dist)
     if dense is None:
         return recs, None

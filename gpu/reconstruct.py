@@ -44,15 +44,16 @@ class ReconstructionRecord:
 
 class DenseStream:
     """The dense model's hidden states on the calibration windows, one block ahead of time:
-    `advance(block)` runs the dense block i over them in place (before it is pruned), so
-    `targets` then holds D_{i+1}, the reconstruction's targets for block i."""
+    `advance(block, kwargs)` runs the dense block i (with block i's keyword arguments) over
+    them in place (before it is pruned), so `targets` then holds D_{i+1}, the reconstruction's
+    targets for block i."""
 
-    def __init__(self, inps: torch.Tensor, kwargs: dict, device):
-        self.targets, self.kwargs, self.device = inps.clone(), kwargs, device
+    def __init__(self, inps: torch.Tensor, device):
+        self.targets, self.device = inps.clone(), device
 
     @torch.no_grad()
-    def advance(self, dense_block) -> None:
-        run_block(dense_block, self.targets, self.kwargs, self.device, self.targets)  # sample i read, then written
+    def advance(self, dense_block, kwargs: dict) -> None:
+        run_block(dense_block, self.targets, kwargs, self.device, self.targets)  # sample i read, then written
 
 
 @torch.no_grad()

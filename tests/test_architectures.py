@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 
 import pytest
 from synth import write_corpus
@@ -63,12 +64,12 @@ def _block_inputs(model, n=2, seqlen=16):
 def test_groups_are_found_from_the_forward(arch):
     model, _ = models.tiny_model(arch)
     inps, kwargs = _block_inputs(model)
-    for block in model.model.layers:
+    for i, block in enumerate(model.model.layers):
         names = models.prunable_linears(block)
-        assert shared_input_groups(block, names, inps[:1], kwargs, "cpu") == GROUPS[arch]
+        assert shared_input_groups(block, names, inps[:1], kwargs.at(i), "cpu") == GROUPS[arch]
     if arch == "llama":  # a subset keeps the order; a group may lose members
         names = models.prunable_linears(block, ignore=("k_proj", "up_proj"))
-        assert shared_input_groups(block, names, inps[:1], kwargs, "cpu") == [
+        assert shared_input_groups(block, names, inps[:1], kwargs.at(i), "cpu") == [
             ["self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"], ["mlp.gate_proj"], ["mlp.down_proj"]]
 
 
@@ -172,14 +173,22 @@ def test_mixtral_is_refused_in_one_line_naming_its_experts(corpus, tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
-def test_windows_beyond_a_mixed_sliding_window_are_refused(corpus):
-    """Gemma-2 alternates sliding and full attention; block-by-block forwards reuse block 0's
-    mask, which is right for every block only while the windows fit in the sliding window."""
-    model, tok = models.tiny_model("gemma2", sliding_window=16)
-    cfg = dict(calib=str(corpus / "calib.jsonl"), nsamples=2, iters=2, mask_steps=1, device="cpu", progress=False)
-    with pytest.raises(AdmmPruneError, match="^seqlen 32 exceeds the sliding window of 16 tokens"):
-        pipeline.run_prune(pipeline.PruneConfig(seqlen=32, eval=None, **cfg), model=model, tokenizer=tok)
-    with pytest.raises(AdmmPruneError, match="^eval_seqlen 32 exceeds the sliding window of 16 tokens"):
-        pipeline.run_prune(pipeline.PruneConfig(seqlen=16, eval_seqlen=32, eval=str(corpus / "eval.txt"), **cfg),
-                           model=model, tokenizer=tok)
-    assert models.mixed_sliding_window(models.tiny_model("mistral", sliding_window=16)[0]) is None  # one mask
+@pytest.mark.parametrize("arch, overrides", [
+    ("gemma2", dict(sliding_window=16)),  # alternating sliding and full attention
+    ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),  # full, then sliding
+    ("mistral", dict(sliding_window=16)),  # every layer sliding: one mask
+])
+def test_block_by_block_forwards_match_the_model_beyond_a_sliding_window(arch, overrides, corpus):
+    """Windows longer than the sliding window: where layers mix attention types, each block gets
+    the mask of its own type (`BlockKwargs`), so the streamed perplexity is the model's own
+    (with block 0's mask everywhere the full-attention blocks would see only 16 tokens), and a
+    prune at such lengths runs."""
+    model, tok = models.tiny_model(arch, **overrides)
+    windows = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loss = torch.stack([model(input_ids=w[None], labels=w[None]).loss for w in windows]).mean()
+    assert evaluate.perplexity(model, windows, "cpu", progress=False) == pytest.approx(math.exp(loss), rel=1e-5)
+    cfg = pipeline.PruneConfig(calib=str(corpus / "calib.jsonl"), nsamples=2, seqlen=32, iters=2, mask_steps=1,
+                               eval=None, device="cpu", progress=False)
+    report = pipeline.run_prune(cfg, model=model, tokenizer=tok)
+    assert report.summary()["mean_sparsity"] == pytest.approx(0.5, abs=0.01)

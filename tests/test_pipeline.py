@@ -152,7 +152,7 @@ def test_stopped_calibration_forward_gives_the_full_forwards_grams(arch):
     model, _ = models.tiny_model(arch)
     ids = torch.randint(0, model.config.vocab_size, (3, 16))
     inps, kwargs = capture_block_inputs(model, ids, torch.device("cpu"), torch.device("cpu"), progress=False)
-    block = model.model.layers[0]
+    kwargs, block = kwargs.at(0), model.model.layers[0]
     leaders = [g[0] for g in shared_input_groups(block, LINEARS, inps[:1], kwargs, "cpu")]
     assert leaders == ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
     with GramCollector(block, leaders, torch.device("cpu")) as full:

@@ -76,8 +76,8 @@ def test_reconstruct_block_leaves_its_inputs_alone_and_is_seeded():
     x = torch.randn(4, 16, 64)
     pos = model.model.rotary_emb(x, torch.arange(16)[None])
     kwargs = {"position_embeddings": pos, "attention_mask": None}
-    dense = DenseStream(x, kwargs, "cpu")
-    dense.advance(block)
+    dense = DenseStream(x, "cpu")
+    dense.advance(block, kwargs)
     with torch.no_grad():
         for lin in (block.mlp.up_proj, block.self_attn.q_proj):
             lin.weight.mul_(torch.rand_like(lin.weight) > 0.5)

@@ -117,8 +117,8 @@ block = model.model.layers[0]
 n, T = (8, 16) if FAST else (32, 64)
 H = torch.randn(n, T, 64)  # the block's inputs (what the pruned model upstream gives it)
 kwargs = {"position_embeddings": model.model.rotary_emb(H, torch.arange(T)[None]), "attention_mask": None}
-dense = DenseStream(H, kwargs, "cpu")
-dense.advance(block)  # D: the dense block's outputs
+dense = DenseStream(H, "cpu")
+dense.advance(block, kwargs)  # D: the dense block's outputs
 names = [n_ for n_, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
 with torch.no_grad():
     for name in names:
