@@ -193,8 +193,10 @@ else:
     model_path = None  # the embedded SmolLM2
     calib = str(DATA / "c4" / "c4_train_first1000_reserialized.jsonl")
     evalset = str(DATA / "wikitext-2-raw" / "wiki.valid.raw")
-    sizes = dict(nsamples=32, seqlen=512, eval_windows=8, eval_seqlen=2048, reconstruct_steps=32,
-                 reconstruct_lr=1e-4, reconstruct_batch=8)
+    # the recipe measured in paper_notes/beyond_the_paper.md (16 steps of 2 windows, lr 3e-3:
+    # 0.65x admm-grad's perplexity at 70 %, mean of 3 seeds; at lr 1e-4, 16 steps barely move)
+    sizes = dict(nsamples=32, seqlen=512, eval_windows=8, eval_seqlen=2048, reconstruct_steps=16,
+                 reconstruct_lr=3e-3, reconstruct_batch=2)
 
 cfg = PruneConfig(model=model_path, method="admm-grad", sparsity=0.7, calib=calib, eval=evalset,
                   eval_split="validation", device="cpu", progress=False, **sizes)
