@@ -97,7 +97,9 @@ class ReconstructOptions(Options):
     reconstruct_steps: int = option(0, "after each block is pruned, tune its kept weights (masks fixed) for N Adam "
                                        "steps towards the dense model's block outputs (0: off, the paper's method)",
                                     metavar="N")
-    reconstruct_lr: float = option(1e-4, "Adam's learning rate of the block reconstruction")
+    reconstruct_lr: float = option(1e-4, "Adam's learning rate of the block reconstruction (for few steps it wants "
+                                         "more: 16 steps of 2 windows at 3e-3 were chosen on SmolLM2-135M, "
+                                         "paper_notes/beyond_the_paper.md)")
     reconstruct_batch: int = option(8, "calibration windows per reconstruction step (per rank)")
 
     def __post_init__(self):
