@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 import admm_prune.gpu as G
-from admm_prune.gpu.linalg import matmul_precision
-from admm_prune.gpu.report import write_atomic
+from admm_prune.gpu.solvers.linalg import matmul_precision
+from admm_prune.gpu.engine.report import write_atomic
 
 SHAPES = {  # name: (d_out, d_in) = nn.Linear weight shape
     "small": [("SmolLM2-135M q/o_proj", 576, 576), ("SmolLM2-135M gate/up_proj", 1536, 576),

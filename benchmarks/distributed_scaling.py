@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from admm_prune.gpu.report import phase_totals
+from admm_prune.gpu.engine.report import phase_totals
 
 
 def run(ranks: int, threads: int, prune_args: list[str], out: Path) -> dict:

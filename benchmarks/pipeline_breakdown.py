@@ -20,9 +20,11 @@ import logging
 import time
 from pathlib import Path
 
-from admm_prune.gpu import data, models, pipeline
+from admm_prune.gpu.data import corpus as data
+from admm_prune.gpu.checkpoint import models
+from admm_prune.gpu.engine import pipeline
 from admm_prune.gpu.config import DTYPES, PruneConfig
-from admm_prune.gpu.report import versions, write_atomic
+from admm_prune.gpu.engine.report import versions, write_atomic
 
 
 def main(argv=None) -> int:

@@ -21,9 +21,9 @@ from dataclasses import asdict
 import torch
 import transformers
 
-from admm_prune.gpu import pipeline
+from admm_prune.gpu.engine import pipeline
 from admm_prune.gpu.config import DTYPES, PruneConfig, resolve_device
-from admm_prune.gpu.report import mean_layer_error
+from admm_prune.gpu.engine.report import mean_layer_error
 
 SHAPES = {
     # name: (hidden, intermediate, heads, kv heads)

@@ -49,7 +49,9 @@ def synthetic_layers(seed: int = 0):
 
 def smollm2_layers(calib: str, nsamples: int, seqlen: int, blocks: int):
     """(name, W_dense, XtX) of every linear of the first `blocks` blocks (float32)."""
-    from admm_prune.gpu import data, models, pipeline
+    from admm_prune.gpu.data import corpus as data
+    from admm_prune.gpu.checkpoint import models
+    from admm_prune.gpu.engine import pipeline
     from admm_prune.gpu.config import PruneConfig
 
     model, tok, _ = models.load_model(None, dtype=torch.float32)

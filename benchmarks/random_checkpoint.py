@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_shapes import SHAPES  # noqa: E402
 
-from admm_prune.gpu.models import tiny_tokenizer  # noqa: E402
+from admm_prune.gpu.checkpoint.models import tiny_tokenizer  # noqa: E402
 
 VOCAB = 32000
 

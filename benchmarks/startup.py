@@ -34,9 +34,11 @@ def since_start():
     import os
     return float(Path("/proc/uptime").read_text().split()[0]) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
 import torch
-from admm_prune.gpu import cli, data, pipeline
-from admm_prune.gpu.calibration import capture_block_inputs
-from admm_prune.gpu.sources import open_model
+from admm_prune.gpu import cli
+from admm_prune.gpu.data import corpus as data
+from admm_prune.gpu.engine import pipeline
+from admm_prune.gpu.engine.calibration import capture_block_inputs
+from admm_prune.gpu.checkpoint.sources import open_model
 cli.build_parser()
 times = {"import": since_start()}
 model, calib, nsamples, seqlen = sys.argv[1] or None, sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

@@ -45,7 +45,7 @@ def build(path: str, depth: int, hidden: int, intermediate: int, heads: int, voc
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from admm_prune.gpu.models import tiny_tokenizer
+    from admm_prune.gpu.checkpoint.models import tiny_tokenizer
 
     tok = tiny_tokenizer()
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
@@ -75,7 +75,7 @@ def load_average() -> list[float]:
 
 # `admm-prune` itself, then the process's VmHWM at exit: the report's figure is taken before
 # the checkpoint is assembled, this one covers the whole run (assembly and report included).
-CLI_WITH_PEAK = ("import sys\nfrom admm_prune.gpu.cli import main\nfrom admm_prune.gpu.report import peak_rss_bytes\n"
+CLI_WITH_PEAK = ("import sys\nfrom admm_prune.gpu.cli import main\nfrom admm_prune.gpu.engine.report import peak_rss_bytes\n"
                  "rc = main(sys.argv[1:])\nprint('exit VmHWM', peak_rss_bytes(), file=sys.stderr)\nsys.exit(rc)")
 
 

@@ -37,9 +37,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from admm_prune.gpu import models, pipeline
+from admm_prune.gpu.checkpoint import models
+from admm_prune.gpu.engine import pipeline
 from admm_prune.gpu.config import DTYPES, PruneConfig
-from admm_prune.gpu.report import versions
+from admm_prune.gpu.engine.report import versions
 
 
 def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -57,7 +58,7 @@ def same_tensors(a: Path, b: Path) -> bool:
 def streaming_components(path: str, dtype, repeats: int) -> dict:
     """Seconds of what only the streamed run does (median of `repeats`): open the checkpoint,
     scan it, read every block from the shards; and of what only the in-memory run does: load."""
-    from admm_prune.gpu.sources import open_model
+    from admm_prune.gpu.checkpoint.sources import open_model
 
     times: dict[str, list[float]] = {"open_seconds": [], "scan_seconds": [], "read_blocks_seconds": [],
                                      "load_model_seconds": []}
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
 
     # Warm-up, untimed: the first streamed open imports accelerate, builds the tokenizer, etc.
     # (one-time costs of the process, several seconds, that would otherwise land on run 1).
-    from admm_prune.gpu.sources import open_model
+    from admm_prune.gpu.checkpoint.sources import open_model
 
     open_model(path, DTYPES[args.dtype])
     models.load_model(path, dtype=DTYPES[args.dtype])

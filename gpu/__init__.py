@@ -93,16 +93,16 @@ from admm_prune.reference.checks import parse_pattern
 from admm_prune.reference.owl import owl_sparsities  # scalar math on a few numbers per model
 from admm_prune.reference.schedule import cubic_sparsity, prune_count
 
-from .admm import (
+from .solvers.admm import (
     admm_iterates, factorize, mask_update, objective, precondition, u_update, w_update, z_update,
 )
-from .linalg import InverseFactor
-from .masks import magnitude_scores, select_mask, wanda_scores
-from .owl import outlier_ratio
-from .polish import cg_step, polish_iterates
-from .prune import prune_layer, prune_shared
-from .solve import masked_lstsq, reconstruction_error
-from .sparsegpt import sparsegpt
+from .solvers.linalg import InverseFactor
+from .solvers.masks import magnitude_scores, select_mask, wanda_scores
+from .solvers.owl import outlier_ratio
+from .solvers.polish import cg_step, polish_iterates
+from .solvers.prune import prune_layer, prune_shared
+from .solvers.solve import masked_lstsq, reconstruction_error
+from .solvers.sparsegpt import sparsegpt
 
 __all__ = [
     # schedule and masks

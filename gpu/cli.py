@@ -135,7 +135,7 @@ def _method_list() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import BenchConfig
+    from .bench.bench import BenchConfig
 
     parser = _Parser(
         prog="admm-prune", formatter_class=_HelpFormatter,
@@ -176,12 +176,13 @@ def flag_names(message: str, parser: argparse.ArgumentParser, field: str | None 
 
 def _run(command: str, options: dict):
     """The library call behind `command`; returns what main prints (a JSON-able dict or text)."""
-    from . import evaluate, pipeline
+    from .evaluation import evaluate
+    from .engine import pipeline
 
     if command == "prune":
         return pipeline.run_prune(PruneConfig(**options)).summary()
     if command == "bench":
-        from . import bench
+        from .bench import bench
 
         return bench.run_bench(bench.BenchConfig(**options))["markdown"]
     return evaluate.run_eval(EvalConfig(**options))
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .distributed import finish, init_from_env, launched_by_torchrun
+    from .engine.distributed import finish, init_from_env, launched_by_torchrun
 
     options = vars(args)
     command = options.pop("command")

@@ -3,7 +3,7 @@
 What this module measures is the layer-wise objective, the paper's: for one linear,
 ||X W^T - X W^^T||^2 on the inputs X the pruned model gives it (`reconstruction_error`), and
 its exact minimizer on a fixed mask (`masked_lstsq`). The engine can go past it with block
-reconstruction (``admm_prune.gpu.reconstruct``, torch autograd only, no NumPy twin): after a
+reconstruction (``admm_prune.gpu.engine.reconstruct``, torch autograd only, no NumPy twin): after a
 block is pruned its kept weights are tuned, masks fixed, toward
 
     min over W^_l = W^_l * M_l of  sum over windows ||block_W^(H^_i) - D_{i+1}||^2

@@ -42,7 +42,7 @@ def skip_without_smollm2(shared) -> None:
     import pytest
 
     pytest.importorskip("gguf")
-    from admm_prune.gpu import models
+    from admm_prune.gpu.checkpoint import models
 
     try:
         models.embedded_gguf()

@@ -15,9 +15,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import admm_prune.reference as R  # noqa: E402
-from admm_prune.gpu import cli, evaluate, models, pipeline  # noqa: E402
+from admm_prune.gpu import cli  # noqa: E402
+from admm_prune.gpu.evaluation import evaluate  # noqa: E402
+from admm_prune.gpu.checkpoint import models  # noqa: E402
+from admm_prune.gpu.engine import pipeline  # noqa: E402
 from admm_prune.reference.errors import AdmmPruneError  # noqa: E402
-from admm_prune.gpu.calibration import capture_block_inputs, shared_input_groups  # noqa: E402
+from admm_prune.gpu.engine.calibration import capture_block_inputs, shared_input_groups  # noqa: E402
 from torch import nn  # noqa: E402
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3"]

@@ -12,7 +12,10 @@ import pytest
 pytest.importorskip("torch")
 from synth import write_corpus  # noqa: E402
 
-from admm_prune.gpu import bench, data, evaluate, models  # noqa: E402
+from admm_prune.gpu.bench import bench  # noqa: E402
+from admm_prune.gpu.data import corpus as data  # noqa: E402
+from admm_prune.gpu.evaluation import evaluate  # noqa: E402
+from admm_prune.gpu.checkpoint import models  # noqa: E402
 from admm_prune.reference.errors import AdmmPruneError  # noqa: E402
 
 

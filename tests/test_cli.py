@@ -122,7 +122,7 @@ def test_every_flag_sets_a_config_field(command, config):
     """The CLI only parses flags into the frozen config: each flag's dest is one of its fields."""
     import dataclasses
 
-    from admm_prune.gpu import bench
+    from admm_prune.gpu.bench import bench
     from admm_prune.gpu import config as config_mod
 
     fields = {f.name for f in dataclasses.fields(getattr(bench if command == "bench" else config_mod, config))}
@@ -173,7 +173,7 @@ def test_log_lines_are_not_glued_onto_progress_bars(monkeypatch, capsys, bare_ro
     def run(command, options):
         bar = tqdm(total=2, desc="prune admm-grad", mininterval=0)
         bar.update()
-        logging.getLogger("admm_prune.gpu.pipeline").info("block 0 done")
+        logging.getLogger("admm_prune.gpu.engine.pipeline").info("block 0 done")
         bar.update()
         bar.close()
         return {"ok": True}
@@ -183,7 +183,7 @@ def test_log_lines_are_not_glued_onto_progress_bars(monkeypatch, capsys, bare_ro
     assert cli.main(["eval", "--model", "x"]) == 0
     err = capsys.readouterr().err
     line = next(seg for seg in re.split(r"[\r\n]", err) if "block 0 done" in seg)
-    assert re.match(r"\d\d:\d\d:\d\d INFO admm_prune.gpu.pipeline: block 0 done$", line), repr(err)
+    assert re.match(r"\d\d:\d\d:\d\d INFO admm_prune.gpu.engine.pipeline: block 0 done$", line), repr(err)
 
 
 @pytest.mark.parametrize("error, expected", [

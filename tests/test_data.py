@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from admm_prune.gpu.data import (
+from admm_prune.gpu.data.corpus import (
     DataError,
     load_texts,
     perplexity,
@@ -18,7 +18,7 @@ from admm_prune.gpu.data import (
     sample_calibration,
     tokenize_for_perplexity,
 )
-from admm_prune.gpu.models import tiny_model, tiny_tokenizer
+from admm_prune.gpu.checkpoint.models import tiny_model, tiny_tokenizer
 
 SHARED_DATA = Path(os.environ.get("ADMM_PRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 C4_1000 = SHARED_DATA / "c4" / "c4_train_first1000_reserialized.jsonl"

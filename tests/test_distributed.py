@@ -14,12 +14,15 @@ from synth import write_corpus
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from admm_prune.gpu import distributed, models, pipeline  # noqa: E402
+from admm_prune.gpu.engine import distributed  # noqa: E402
+from admm_prune.gpu.checkpoint import models  # noqa: E402
+from admm_prune.gpu.engine import pipeline  # noqa: E402
 from admm_prune.gpu.config import PruneConfig  # noqa: E402
 
 SCRIPT = textwrap.dedent("""
     import json, sys
-    from admm_prune.gpu import distributed, pipeline
+    from admm_prune.gpu.engine import distributed
+    from admm_prune.gpu.engine import pipeline
     from admm_prune.gpu.config import PruneConfig
     ck, calib, evalf, out, method, profile = sys.argv[1:7]
     steps = int(sys.argv[7]) if len(sys.argv) > 7 else 0

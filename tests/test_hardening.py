@@ -27,8 +27,11 @@ torch = pytest.importorskip("torch")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from admm_prune.gpu import cli, evaluate, models, pipeline  # noqa: E402
-from admm_prune.gpu.data import DataError, load_texts  # noqa: E402
+from admm_prune.gpu import cli  # noqa: E402
+from admm_prune.gpu.evaluation import evaluate  # noqa: E402
+from admm_prune.gpu.checkpoint import models  # noqa: E402
+from admm_prune.gpu.engine import pipeline  # noqa: E402
+from admm_prune.gpu.data.corpus import DataError, load_texts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -220,7 +223,7 @@ def test_unused_block_keys():
 
 
 def test_streamed_model_warns_about_blocks_the_config_leaves_out(tmp_path, caplog):
-    from admm_prune.gpu.sources import StreamedModel
+    from admm_prune.gpu.checkpoint.sources import StreamedModel
 
     path = _save(tmp_path / "model", num_hidden_layers=3)
     StreamedModel(path, torch.float32)
@@ -419,7 +422,7 @@ def test_a_lock_left_by_a_killed_run_does_not_block_resume(tmp_path, corpus, cap
 
 
 def test_the_output_lock_is_exclusive_and_says_who_holds_it(tmp_path):
-    from admm_prune.gpu.lock import OutputBusy, OutputLock
+    from admm_prune.gpu.checkpoint.lock import OutputBusy, OutputLock
 
     path = tmp_path / ".x.lock"
     held = OutputLock.take(path, "out x")
@@ -432,7 +435,7 @@ def test_the_output_lock_is_exclusive_and_says_who_holds_it(tmp_path):
 
 @pytest.mark.parametrize("command", ["bench", "eval"])
 def test_bench_and_eval_refuse_a_prefix_in_use(command, tmp_path, tiny_dir, corpus, capsys, monkeypatch):
-    from admm_prune.gpu.lock import OutputLock
+    from admm_prune.gpu.checkpoint.lock import OutputLock
 
     prefix = tmp_path / "runs" / "r"
     prefix.parent.mkdir()
@@ -471,7 +474,7 @@ def _no_room_after(calls: int):
 
 def test_a_full_disk_while_staging_is_one_line_and_resume_continues(tmp_path, tiny_dir, corpus, capsys,
                                                                     monkeypatch):
-    from admm_prune.gpu import staging as staging_mod
+    from admm_prune.gpu.checkpoint import staging as staging_mod
 
     out, staging = tmp_path / "out", tmp_path / ".out.staging"
     argv = _prune_argv(tiny_dir, corpus, out)
@@ -494,7 +497,7 @@ def test_a_full_disk_while_staging_is_one_line_and_resume_continues(tmp_path, ti
 
 def test_too_little_free_space_is_a_warning_before_the_first_block(tmp_path, tiny_dir, corpus, caplog,
                                                                    monkeypatch):
-    from admm_prune.gpu import diskspace
+    from admm_prune.gpu.checkpoint import diskspace
 
     usage = shutil.disk_usage(tmp_path)._replace(free=1000)
     monkeypatch.setattr(diskspace.shutil, "disk_usage", lambda p: usage)
@@ -587,7 +590,7 @@ def test_num_blocks_above_the_depth_is_one_line_naming_both(tmp_path, tiny_dir, 
 
 
 def test_owl_settings_with_the_uniform_profile_are_a_warning(tmp_path, tiny_dir, corpus, caplog, monkeypatch):
-    from admm_prune.gpu import bench
+    from admm_prune.gpu.bench import bench
 
     cfg = _quick_cfg(tiny_dir, corpus, tmp_path / "out", owl_lambda=0.1)
     with caplog.at_level(logging.WARNING):
@@ -612,7 +615,7 @@ def test_owl_settings_with_the_uniform_profile_are_a_warning(tmp_path, tiny_dir,
 def test_an_error_resume_cannot_cure_does_not_suggest_resume(tmp_path, tiny_dir, corpus, caplog, monkeypatch):
     """A ModelError at block 1 (a tensor that cannot be read): the staged block stays, and the
     message says resuming will not get past it; an interruption at the same place says --resume."""
-    from admm_prune.gpu import sources
+    from admm_prune.gpu.checkpoint import sources
 
     block = sources.StreamedModel.block
     out, staging = tmp_path / "out", tmp_path / ".out.staging"

@@ -116,14 +116,14 @@ def test_a_registered_method_needs_one_file_and_one_line(tmp_path, monkeypatch):
     from admm_prune.gpu import cli, methods
     from admm_prune.gpu.config import PruneConfig
     from admm_prune.gpu.methods.base import MethodImpl, Pruned
-    from admm_prune.gpu.prune import prune_shared
+    from admm_prune.gpu.solvers.prune import prune_shared
     from admm_prune.reference import methods as specs
 
     class Keep(MethodImpl):  # keeps the largest |W| * ||X_j||^2: a toy, not a good method
         spec = specs.Method("toy", "gram", None, False, False, "toy scores |W| diag(XtX)")
 
         def prune(self, problem, W, prepared, settings):
-            from admm_prune.gpu.masks import select_unchecked
+            from admm_prune.gpu.solvers.masks import select_unchecked
 
             M = select_unchecked(W.abs() * problem.XtX.diagonal()[None, :].to(W.dtype), problem.sparsity,
                                  settings.pattern, settings.group)

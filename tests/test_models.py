@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from admm_prune.gpu import models
-from admm_prune.gpu.models import (
+from admm_prune.gpu.checkpoint import models
+from admm_prune.gpu.checkpoint.models import (
     ModelError,
     decoder_layers,
     load_model,

@@ -202,7 +202,7 @@ def test_select_mask_float32_rows_same_as_reference(seed, d_in, frac, levels, sp
     if special != "none":
         scores[cells] = {"+0": 0.0, "-0": -0.0, "inf": np.inf}[special]
     k = int(frac * d_in)  # the row rule behind select_mask (+inf: gradual N:M's protected scores)
-    from admm_prune.gpu.masks import prune_lowest as gpu_rule
+    from admm_prune.gpu.solvers.masks import prune_lowest as gpu_rule
     from admm_prune.reference.masks import prune_lowest as ref_rule
     np.testing.assert_array_equal(n(gpu_rule(torch.from_numpy(scores), k)), ref_rule(scores, k))
 
@@ -545,7 +545,7 @@ def test_parameters_with_grad_are_pruned_without_autograd():
 def test_gram_collector_equals_xtx(d_in, dtype, device):
     """X^T X of the inputs the linear sees, summed in float64: the CPU's blocked upper
     triangle (mirrored on exit), CUDA's half-precision GEMM with float32 output."""
-    from admm_prune.gpu.calibration import GramCollector
+    from admm_prune.gpu.engine.calibration import GramCollector
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -566,7 +566,7 @@ def test_gram_does_not_depend_on_how_the_samples_are_split(device):
     """The float32 Gram the solvers read is the same bits whether one collector sees every
     sample or two see alternate ones and their sums are added (two ranks, `Dist.sum_`):
     the float64 sum makes the order invisible. (A float32 sum fails this.)"""
-    from admm_prune.gpu.calibration import GramCollector, NormCollector
+    from admm_prune.gpu.engine.calibration import GramCollector, NormCollector
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")

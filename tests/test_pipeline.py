@@ -19,9 +19,13 @@ transformers = pytest.importorskip("transformers")
 
 import admm_prune.gpu as G  # noqa: E402
 import admm_prune.reference as R  # noqa: E402
-from admm_prune.gpu import blocks, cli, data, models, pipeline  # noqa: E402
+from admm_prune.gpu import cli  # noqa: E402
+from admm_prune.gpu.engine import blocks  # noqa: E402
+from admm_prune.gpu.data import corpus as data  # noqa: E402
+from admm_prune.gpu.checkpoint import models  # noqa: E402
+from admm_prune.gpu.engine import pipeline  # noqa: E402
 from admm_prune.gpu.config import EvalConfig, PruneConfig  # noqa: E402
-from admm_prune.gpu.evaluate import load_eval_windows, perplexity  # noqa: E402
+from admm_prune.gpu.evaluation.evaluate import load_eval_windows, perplexity  # noqa: E402
 
 SHARED = Path(os.environ.get("ADMM_PRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -145,7 +149,7 @@ def test_grams_are_shared_and_capture_all_tokens(corpus):
 def test_stopped_calibration_forward_gives_the_full_forwards_grams(arch):
     """`calibrate_block` with stop=True ends each forward at the last leader's input: the
     Grams and token counts equal those of full forwards, and down_proj itself never runs."""
-    from admm_prune.gpu.calibration import (
+    from admm_prune.gpu.engine.calibration import (
         GramCollector, calibrate_block, capture_block_inputs, run_block, shared_input_groups,
     )
 
@@ -229,7 +233,7 @@ def test_failure_before_any_block_finished_leaves_nothing(corpus, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_all_finite_finds_every_nan_and_inf(dtype):
-    from admm_prune.gpu.checks import all_finite
+    from admm_prune.gpu.solvers.checks import all_finite
 
     t = torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(dtype)
     assert all_finite(t) and all_finite(t[:0])
@@ -366,7 +370,7 @@ def test_cli_user_errors_one_line_nothing_written(extra, match, tiny_dir, corpus
 
 
 def test_eval_checks_tasks_and_out_before_any_perplexity(tiny_dir, corpus, tmp_path, capsys, monkeypatch):
-    from admm_prune.gpu import evaluate
+    from admm_prune.gpu.evaluation import evaluate
 
     def never(*a, **k):
         raise AssertionError("perplexity ran before the arguments were checked")
@@ -461,7 +465,7 @@ def test_cli_eval_zero_shot_offline(tiny_dir, capsys):
 
 
 def test_bench_runs_every_method_on_shared_windows(corpus, tmp_path):
-    from admm_prune.gpu import bench
+    from admm_prune.gpu.bench import bench
 
     model, tok = models.tiny_model("llama")
     cfg = bench.BenchConfig(calib=str(corpus / "calib.jsonl"), eval=str(corpus / "eval.txt"), nsamples=4,
@@ -536,7 +540,7 @@ def test_finish_lowers_the_layer_error(corpus):
 
 
 def test_bench_variants_beside_the_paper_method(corpus, tmp_path):
-    from admm_prune.gpu import bench
+    from admm_prune.gpu.bench import bench
 
     model, tok = models.tiny_model("mistral")
     cfg = bench.BenchConfig(calib=str(corpus / "calib.jsonl"), eval=str(corpus / "eval.txt"), nsamples=4,

@@ -12,9 +12,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from synth import write_corpus  # noqa: E402
 
-from admm_prune.gpu import bench, cli, models, pipeline  # noqa: E402
+from admm_prune.gpu import cli  # noqa: E402
+from admm_prune.gpu.bench import bench  # noqa: E402
+from admm_prune.gpu.checkpoint import models  # noqa: E402
+from admm_prune.gpu.engine import pipeline  # noqa: E402
 from admm_prune.gpu.config import PruneConfig  # noqa: E402
-from admm_prune.gpu.reconstruct import DenseStream, output_error, reconstruct_block  # noqa: E402
+from admm_prune.gpu.engine.reconstruct import DenseStream, output_error, reconstruct_block  # noqa: E402
 from admm_prune.reference.errors import AdmmPruneError  # noqa: E402
 
 RECON = dict(reconstruct_steps=12, reconstruct_lr=1e-3, reconstruct_batch=3)

@@ -19,15 +19,17 @@ from synth import write_corpus
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from admm_prune.gpu import cli, models, pipeline  # noqa: E402
-from admm_prune.gpu import staging as staging_mod  # noqa: E402
+from admm_prune.gpu import cli  # noqa: E402
+from admm_prune.gpu.checkpoint import models  # noqa: E402
+from admm_prune.gpu.engine import pipeline  # noqa: E402
+from admm_prune.gpu.checkpoint import staging as staging_mod  # noqa: E402
 from admm_prune.gpu.config import DTYPES, EvalConfig, PipelineError, PruneConfig  # noqa: E402
-from admm_prune.gpu.evaluate import load_eval_windows, perplexity, run_eval  # noqa: E402
-from admm_prune.gpu.output import assemble, merge_safetensors  # noqa: E402
-from admm_prune.gpu.shards import INDEX  # noqa: E402
-from admm_prune.gpu.sources import open_model  # noqa: E402
-from admm_prune.gpu.staging import Staging  # noqa: E402
-from admm_prune.gpu.writer import BlockWriter  # noqa: E402
+from admm_prune.gpu.evaluation.evaluate import load_eval_windows, perplexity, run_eval  # noqa: E402
+from admm_prune.gpu.checkpoint.output import assemble, merge_safetensors  # noqa: E402
+from admm_prune.gpu.checkpoint.shards import INDEX  # noqa: E402
+from admm_prune.gpu.checkpoint.sources import open_model  # noqa: E402
+from admm_prune.gpu.checkpoint.staging import Staging  # noqa: E402
+from admm_prune.gpu.engine.writer import BlockWriter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,7 +234,8 @@ def test_resume_detects_a_corrupt_finished_block(corpus, tmp_path, caplog):
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from admm_prune.gpu import pipeline, staging
+    from admm_prune.gpu.engine import pipeline
+    from admm_prune.gpu.checkpoint import staging
     from admm_prune.gpu.config import PruneConfig
     ck, calib, out, where = sys.argv[1:5]
     cfg = PruneConfig(model=ck, calib=calib, eval=None, nsamples=4, seqlen=32, iters=6, mask_steps=4,
@@ -342,8 +345,8 @@ def test_eval_streams_the_saved_checkpoint(corpus, tmp_path):
 def test_block_sources_share_one_protocol(tmp_path):
     """In memory, streamed, staged: each a `BlockSource` that `as_source` passes through; a bare
     model is none and gets wrapped. The staged view reads its blocks from the staging folder."""
-    from admm_prune.gpu.sources import BlockSource, InMemoryModel, StagedBlocks, as_source, block_state_dict
-    from admm_prune.gpu.staging import Staging
+    from admm_prune.gpu.checkpoint.sources import BlockSource, InMemoryModel, StagedBlocks, as_source, block_state_dict
+    from admm_prune.gpu.checkpoint.staging import Staging
 
     streamed, _ = open_model(str(_save(tmp_path, "llama")), torch.float32)
     model, _ = models.tiny_model("llama")
@@ -367,7 +370,8 @@ def test_block_sources_share_one_protocol(tmp_path):
 
 RSS_SCRIPT = textwrap.dedent("""
     import json, sys
-    from admm_prune.gpu import pipeline, report
+    from admm_prune.gpu.engine import pipeline
+    from admm_prune.gpu.engine import report
     from admm_prune.gpu.config import PruneConfig
     ck, calib = sys.argv[1:3]
     cfg = PruneConfig(model=ck, calib=calib, eval=None, method="wanda", nsamples=2, seqlen=16,

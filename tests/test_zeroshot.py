@@ -23,9 +23,9 @@ import torch
 lm_eval = pytest.importorskip("lm_eval")
 datasets = pytest.importorskip("datasets")
 
-from admm_prune.gpu import zeroshot  # noqa: E402
-from admm_prune.gpu.models import tiny_model  # noqa: E402
-from admm_prune.gpu.zeroshot import TASKS, ZeroShotError, format_table, load_tasks, run_zeroshot  # noqa: E402
+from admm_prune.gpu.evaluation import zeroshot  # noqa: E402
+from admm_prune.gpu.checkpoint.models import tiny_model  # noqa: E402
+from admm_prune.gpu.evaluation.zeroshot import TASKS, ZeroShotError, format_table, load_tasks, run_zeroshot  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("ADMM_PRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SHARED_TASKS = ("rte", "openbookqa", "arc_easy", "arc_challenge", "piqa")

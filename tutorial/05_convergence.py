@@ -50,7 +50,7 @@ def smollm2_layer(name="self_attn.q_proj", nsamples=16, seqlen=256):
         z = np.load(cache)
         print(f"read the cached layer {cache}")
         return z["W"], z["XtX"], f"SmolLM2 block 0 {name} ({nsamples}x{seqlen} C4 tokens)"
-    from admm_prune.gpu import pipeline
+    from admm_prune.gpu.engine import pipeline
     from admm_prune.gpu.config import PruneConfig
 
     captured = {}

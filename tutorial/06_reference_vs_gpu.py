@@ -63,7 +63,7 @@ for name in R.__all__:
 # `solve(R)` is $R(\tilde G + \rho I)^{-1}$ on both backends. The reference's
 # (`CholeskyFactor`) keeps the Cholesky factor and does two triangular solves per call; the
 # twin's (`InverseFactor`) keeps the explicit inverse and does one matrix product
-# (`gpu/admm.py` explains why). `w_update` only calls `factor.solve`.
+# (`gpu/solvers/admm.py` explains why). `w_update` only calls `factor.solve`.
 
 # %%
 d_out, d_in = (32, 64) if FAST else (384, 768)

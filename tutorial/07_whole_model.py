@@ -17,7 +17,7 @@
 #
 # Chapters 1-6 pruned one layer given its Gram matrix. A model has many layers, and the
 # Gram of each comes from running calibration text through the model. The engine that does
-# this is `admm_prune.gpu.pipeline`; this chapter runs it, checks by hand what it computes
+# this is `admm_prune.gpu.engine.pipeline`; this chapter runs it, checks by hand what it computes
 # for one layer, compares perplexity before and after pruning, and opens the checkpoint it
 # saves.
 #
@@ -35,9 +35,11 @@ from common import FAST, OUT, DATA, np, plt, save
 
 import torch
 import admm_prune.reference as R
-from admm_prune.gpu import data, models, pipeline
+from admm_prune.gpu.data import corpus as data
+from admm_prune.gpu.checkpoint import models
+from admm_prune.gpu.engine import pipeline
 from admm_prune.gpu.config import PruneConfig
-from admm_prune.gpu.evaluate import load_eval_windows, perplexity
+from admm_prune.gpu.evaluation.evaluate import load_eval_windows, perplexity
 
 
 # %% [markdown]
@@ -83,7 +85,7 @@ print(config("admm-grad"))
 # %% [markdown]
 # ## 7.2 The engine, and one layer checked by hand
 #
-# `run_prune` (see `gpu/pipeline.py`): it samples calibration windows, computes the
+# `run_prune` (see `gpu/engine/pipeline.py`): it samples calibration windows, computes the
 # dense perplexity, then walks through the decoder blocks in order:
 #
 # 1. the first block's inputs are captured once, with a forward pre-hook that keeps every

@@ -183,9 +183,9 @@ print("OWL targets:", np.round(S_l, 3))
 
 from common import DATA, tiny_workdir  # noqa: E402
 
-from admm_prune.gpu import pipeline  # noqa: E402
+from admm_prune.gpu.engine import pipeline  # noqa: E402
 from admm_prune.gpu.config import PruneConfig  # noqa: E402
-from admm_prune.gpu.report import mean_layer_error  # noqa: E402
+from admm_prune.gpu.engine.report import mean_layer_error  # noqa: E402
 
 if FAST:
     model_path, calib, evalset = tiny_workdir("08_tiny", "mistral", layers=4)

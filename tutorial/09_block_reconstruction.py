@@ -107,9 +107,9 @@ assert errors["toward the dense output"] < errors["layer-wise optimum"]
 # %%
 import torch  # noqa: E402
 
-from admm_prune.gpu import models  # noqa: E402
-from admm_prune.gpu.calibration import block_output  # noqa: E402
-from admm_prune.gpu.reconstruct import DenseStream, reconstruct_block  # noqa: E402
+from admm_prune.gpu.checkpoint import models  # noqa: E402
+from admm_prune.gpu.engine.calibration import block_output  # noqa: E402
+from admm_prune.gpu.engine.reconstruct import DenseStream, reconstruct_block  # noqa: E402
 
 torch.manual_seed(0)
 model, _ = models.tiny_model("llama", num_hidden_layers=1)
@@ -182,7 +182,7 @@ assert rec.error_after < rec.error_before
 
 from common import DATA, tiny_workdir  # noqa: E402
 
-from admm_prune.gpu import pipeline  # noqa: E402
+from admm_prune.gpu.engine import pipeline  # noqa: E402
 from admm_prune.gpu.config import PruneConfig  # noqa: E402
 
 if FAST:

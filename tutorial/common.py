@@ -61,7 +61,7 @@ def tiny_workdir(name, arch="llama", layers=4):
     Returns (model path, calibration file, evaluation file) as strings."""
     import json
 
-    from admm_prune.gpu import models
+    from admm_prune.gpu.checkpoint import models
 
     workdir = OUT / name
     workdir.mkdir(exist_ok=True)

@@ -8,7 +8,7 @@ import torch
 from admm_prune.reference.methods import REGISTRY
 from admm_prune.reference.prune import IterationRecord
 
-from ..admm import admm_steps, factorize, precondition_gram, z_update
+from ..solvers.admm import admm_steps, factorize, precondition_gram, z_update
 from .base import MethodImpl, Pruned
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from admm_prune.reference.methods import REGISTRY
 
-from ..masks import magnitude_scores, select_unchecked
+from ..solvers.masks import magnitude_scores, select_unchecked
 from .base import MethodImpl, Pruned
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from admm_prune.reference.methods import REGISTRY
 
-from ..sparsegpt import inverse_hessian_factor, sparsegpt_sweep
+from ..solvers.sparsegpt import inverse_hessian_factor, sparsegpt_sweep
 from .base import MethodImpl, Pruned
 
 BLOCKSIZE = 128  # columns per lazy-update block, as the official code

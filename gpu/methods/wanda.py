@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from admm_prune.reference.methods import REGISTRY
 
-from ..masks import wanda_scores
+from ..solvers.masks import wanda_scores
 from .magnitude import Magnitude
 
 

@@ -32,22 +32,22 @@ from admm_prune.reference import parse_pattern
 from admm_prune.reference.errors import AdmmPruneError
 from admm_prune.reference.options import SolverOptions, option
 
-from . import data as data_mod
-from . import methods as methods_mod
-from . import models as models_mod
-from .blocks import warn_unused_owl
-from .config import (
+from ..data import corpus as data_mod
+from .. import methods as methods_mod
+from ..checkpoint import models as models_mod
+from ..engine.blocks import warn_unused_owl
+from ..config import (
     DTYPES, MIN_SEQLEN, CalibOptions, ModelOptions, PipelineError, PruneConfig, ReconstructOptions, positive_int,
     resolve_device,
 )
-from .diskspace import writing
-from .distributed import current
-from .evaluate import linear_sparsity, load_eval_windows, perplexity, prepare_report_out
-from .lock import prefix_lock
+from ..checkpoint.diskspace import writing
+from ..engine.distributed import current
+from ..evaluation.evaluate import linear_sparsity, load_eval_windows, perplexity, prepare_report_out
+from ..checkpoint.lock import prefix_lock
 from .peers import PEER_METHODS, PEERS, llmcompressor_prune, peer_available
-from .pipeline import prune_model
+from ..engine.pipeline import prune_model
 from .bench_report import format_markdown, ratios_to_peer, summarize
-from .report import mean_layer_error, phase_totals, versions, write_atomic
+from ..engine.report import mean_layer_error, phase_totals, versions, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import data as data_mod
-from . import models as models_mod
-from .calibration import capture_block_inputs, run_block, visiting
-from .config import DTYPES, EvalConfig, PipelineError
-from .context import this_rank_device
-from .diskspace import writing
-from .distributed import current
-from .lock import prefix_lock
-from .report import missing_parents, write_atomic
-from .sources import as_source, open_model
+from ..data import corpus as data_mod
+from ..checkpoint import models as models_mod
+from ..engine.calibration import capture_block_inputs, run_block, visiting
+from ..config import DTYPES, EvalConfig, PipelineError
+from ..engine.context import this_rank_device
+from ..checkpoint.diskspace import writing
+from ..engine.distributed import current
+from ..checkpoint.lock import prefix_lock
+from ..engine.report import missing_parents, write_atomic
+from ..checkpoint.sources import as_source, open_model
 
 log = logging.getLogger(__name__)
 

@@ -20,20 +20,20 @@ from tqdm.auto import tqdm
 
 from admm_prune.reference import options, owl_sparsities
 
-from . import models as models_mod
+from ..checkpoint import models as models_mod
 from .calibration import (
     GramCollector, NormCollector, calibrate_block, capture_block_inputs, run_block, shared_input_groups, visiting,
 )
-from .checks import all_finite
-from .config import PipelineError, PruneConfig
+from ..solvers.checks import all_finite
+from ..config import PipelineError, PruneConfig
 from .context import RunContext
 from .distributed import Dist
-from .evaluate import check_seqlen_fits
-from .owl import outlier_ratio
-from .prune import prune_shared, prune_weights
+from ..evaluation.evaluate import check_seqlen_fits
+from ..solvers.owl import outlier_ratio
+from ..solvers.prune import prune_shared, prune_weights
 from .report import NO_TIMER, LinearRecord, PhaseTimer
-from .solve import reconstruction_errors
-from .sources import as_source
+from ..solvers.solve import reconstruction_errors
+from ..checkpoint.sources import as_source
 
 log = logging.getLogger(__name__)
 

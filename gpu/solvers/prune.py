@@ -16,7 +16,7 @@ from admm_prune.reference.errors import AdmmPruneError
 from admm_prune.reference.options import DEFAULTS, SolverOptions
 from admm_prune.reference.prune import DEFAULT_POLISH_DAMP, PolishRecord, PruneResult
 
-from . import methods
+from .. import methods
 from .admm import precondition_gram
 from .checks import check_problem, check_result, compute_dtype
 from .linalg import matmul_precision

@@ -24,9 +24,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from .config import PipelineError
+from ..config import PipelineError
 from .lock import OutputBusy, OutputLock
-from .report import PruneReport, missing_parents, usual_mode
+from ..engine.report import PruneReport, missing_parents, usual_mode
 from .shards import INDEX, SINGLE, read_header
 from .staging import Staging
 

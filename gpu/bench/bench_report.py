@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from .report import PHASES
+from ..engine.report import PHASES
 
 
 def ratios_to_peer(runs: list[dict]) -> list[dict]:

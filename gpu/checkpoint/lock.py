@@ -32,8 +32,8 @@ import socket
 import time
 from pathlib import Path
 
-from .config import PipelineError
-from .report import missing_parents
+from ..config import PipelineError
+from ..engine.report import missing_parents
 
 log = logging.getLogger(__name__)
 

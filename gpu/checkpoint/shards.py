@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checks import all_finite
+from ..solvers.checks import all_finite
 from .models import ModelError
 
 INDEX = "model.safetensors.index.json"

@@ -15,7 +15,7 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from .models import ModelError
+from ..checkpoint.models import ModelError
 
 
 class _StopForward(Exception):

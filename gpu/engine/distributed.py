@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 
-from .config import PipelineError
+from ..config import PipelineError
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 

@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import save_file
 
 
-from .config import PipelineError
+from ..config import PipelineError
 from .diskspace import writing
-from .distributed import Dist
-from .report import usual_mode, write_atomic
+from ..engine.distributed import Dist
+from ..engine.report import usual_mode, write_atomic
 from .shards import open_safetensors
 
 log = logging.getLogger(__name__)

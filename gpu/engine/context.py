@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PruneConfig, resolve_device
+from ..config import PruneConfig, resolve_device
 from .distributed import Dist, current, rank_device
 
 

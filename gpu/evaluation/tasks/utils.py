@@ -15,7 +15,7 @@ from pathlib import Path
 import datasets
 
 # One class for `zeroshot` to catch: lm-eval loads this file as a module of its own.
-from admm_prune.gpu.zeroshot import DocumentError
+from admm_prune.gpu.evaluation.zeroshot import DocumentError
 
 # GLUE/SuperGLUE RTE label ids (nyu-mll/glue "rte", aps/super_glue "rte"): 0 = entailment.
 RTE_LABELS = ("entailment", "not_entailment")

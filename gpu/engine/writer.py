@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from .staging import Staging
+from ..checkpoint.staging import Staging
 
 log = logging.getLogger(__name__)
 

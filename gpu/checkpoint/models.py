@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from .data import hub_unreachable_reason
+from ..data.corpus import hub_unreachable_reason
 
 logger = logging.getLogger(__name__)
 

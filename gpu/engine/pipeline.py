@@ -2,19 +2,19 @@
 
 The plumbing half of the torch backend; each job has its own room:
 
-    config.py       what a run is asked to do (`PruneConfig`, `EvalConfig`), validated once
-    context.py      what a run works with (`RunContext`: device, ranks, ...), computed once
-    calibration.py  block-0 input capture, a block over every sample, Gram hooks
-    sources.py      the model one block at a time: in memory, streamed from its shards, staged
-    shards.py       reading a safetensors checkpoint folder (and its NaN scan)
-    staging.py      each finished block on disk at once, the manifest, resume
-    output.py       the output checked before any work, the checkpoint assembled at the end
-    lock.py         one run per output: the lock held from before any work to the end
-    diskspace.py    the space a run needs, a full disk or a file-size limit in one line
-    evaluate.py     perplexity (streamed block by block), zero-shot, `run_eval`
-    report.py       per-linear records, versions, peak memory
-    blocks.py       one block: its linears, their Grams, each group's solve; OWL's block targets
-    pipeline.py     this file: the block loop (`prune_model`) and the main job (`run_prune`)
+    config.py                what a run is asked to do (`PruneConfig`, `EvalConfig`), validated once
+    engine/context.py        what a run works with (`RunContext`: device, ranks, ...), computed once
+    engine/calibration.py    block-0 input capture, a block over every sample, Gram hooks
+    checkpoint/sources.py    the model one block at a time: in memory, streamed from its shards, staged
+    checkpoint/shards.py     reading a safetensors checkpoint folder (and its NaN scan)
+    checkpoint/staging.py    each finished block on disk at once, the manifest, resume
+    checkpoint/output.py     the output checked before any work, the checkpoint assembled at the end
+    checkpoint/lock.py       one run per output: the lock held from before any work to the end
+    checkpoint/diskspace.py  the space a run needs, a full disk or a file-size limit in one line
+    evaluation/evaluate.py   perplexity (streamed block by block), zero-shot, `run_eval`
+    engine/report.py         per-linear records, versions, peak memory
+    engine/blocks.py         one block: its linears, their Grams, each group's solve; OWL's block targets
+    engine/pipeline.py       this file: the block loop (`prune_model`) and the main job (`run_prune`)
 
 Per block: (1) run the block on every calibration sample with forward pre-hooks that
 accumulate one Gram per distinct input (q/k/v share one, gate/up share one: 4 Grams, not 7),
@@ -51,24 +51,24 @@ from tqdm.auto import tqdm
 
 from admm_prune.reference.errors import AdmmPruneError
 
-from . import data as data_mod
-from . import models as models_mod
+from ..data import corpus as data_mod
+from ..checkpoint import models as models_mod
 from .blocks import block_targets, check_finite, check_model, prune_block, warn_unused_owl
 from .calibration import capture_block_inputs, release_memory, run_block, visiting
-from .config import DTYPES, PipelineError, PruneConfig
+from ..config import DTYPES, PipelineError, PruneConfig
 from .context import RunContext, this_rank_device
-from .diskspace import WriteError, bytes_needed, no_room, warn_if_short, writing
+from ..checkpoint.diskspace import WriteError, bytes_needed, no_room, warn_if_short, writing
 from .distributed import current
-from .evaluate import load_eval_windows, naming, perplexity
-from .lock import OutputBusy
-from .output import OutputPlan, after_failure, assemble, extras_writer, publish
+from ..evaluation.evaluate import load_eval_windows, naming, perplexity
+from ..checkpoint.lock import OutputBusy
+from ..checkpoint.output import OutputPlan, after_failure, assemble, extras_writer, publish
 from .reconstruct import DenseStream, ReconstructionRecord, reconstruct_block
 from .report import (
     LinearRecord, PhaseTimer, PruneReport, achieved_block_sparsity, exclusive_phases, mean_layer_error, peak_memory,
     process_seconds, versions,
 )
-from .sources import BlockSource, InMemoryModel, StagedBlocks, as_source, block_state_dict, open_model, rest_state_dict
-from .staging import Staging, start_staging
+from ..checkpoint.sources import BlockSource, InMemoryModel, StagedBlocks, as_source, block_state_dict, open_model, rest_state_dict
+from ..checkpoint.staging import Staging, start_staging
 from .writer import BlockWriter
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ContextManager, Protocol, runtime_checkable
 
 import torch
 
-from .checks import all_finite
+from ..solvers.checks import all_finite
 from .models import ModelError, decoder_layers, unused_block_keys
 from .shards import Checkpoint, block_prefix, is_block_key
 

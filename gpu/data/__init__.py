@@ -1,0 +1,1 @@
+"""Text for calibration and perplexity: local files and hub datasets, the calibration sampler."""
