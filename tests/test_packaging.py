@@ -45,3 +45,24 @@ def test_gpu_mirrors_every_reference_function():
             mismatched.append(f"{name}: reference {ref_params} vs gpu {twin_params}")
     assert not missing, f"admm_prune.gpu lacks twins of {missing}"
     assert not mismatched, "\n".join(mismatched)
+
+
+def test_each_twin_lives_in_the_reference_modules_namesake():
+    """gpu/solvers/ is the file-for-file twin of reference/: a twin in gpu/solvers/X.py mirrors a
+    function of reference/X.py, and each solvers module (but the torch-only linalg) has a namesake."""
+    gpu = pytest.importorskip("admm_prune.gpu")
+    import pathlib
+    misplaced = []
+    for name, ref_fn in _public_functions(R).items():
+        twin = getattr(gpu, name)
+        if twin is ref_fn:  # scalar math the gpu package re-exports from the reference itself
+            continue
+        ref_file, twin_module = ref_fn.__module__.rsplit(".", 1)[1], twin.__module__
+        if twin_module != f"admm_prune.gpu.solvers.{ref_file}":
+            misplaced.append(f"{name}: reference/{ref_file}.py, twin in {twin_module}")
+    assert not misplaced, "\n".join(misplaced)
+    solvers = pathlib.Path(gpu.__file__).parent / "solvers"
+    reference = pathlib.Path(R.__file__).parent
+    orphans = [p.name for p in solvers.glob("*.py")
+               if p.name not in ("__init__.py", "linalg.py") and not (reference / p.name).exists()]
+    assert not orphans, f"gpu/solvers/ modules without a reference namesake: {orphans}"
