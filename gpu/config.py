@@ -22,6 +22,7 @@ from admm_prune.reference.options import Options, SolverOptions, option
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MATMUL_PRECISIONS = ("high", "highest")  # torch's names: TF32 allowed, IEEE float32
 MIN_SEQLEN = 2  # one rule for calibration and evaluation windows: a next-token loss needs two
+MAX_SEED = 2**32 - 1  # numpy's range; the reconstruction seeds torch with seed * 1_000_003 + block
 
 
 class PipelineError(AdmmPruneError):
@@ -35,6 +36,13 @@ def positive_int(name: str, value, minimum: int = 1, optional: bool = False):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise PipelineError(f"{name} must be {what}, got {value!r}", field=name)
+
+
+def seed_value(name: str, value) -> None:
+    """`value` is an int in [0, MAX_SEED]; else a PipelineError naming `name`. Negative seeds
+    are refused, not folded: ``random.Random(-1)`` draws what ``Random(1)`` draws."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise PipelineError(f"{name}: {value!r} is not a seed, an integer in [0, {MAX_SEED}]", field=name)
 
 
 def patterns(name: str, value) -> tuple[str, ...]:
@@ -88,6 +96,7 @@ class CalibOptions(Options):
         super().__post_init__()
         positive_int("nsamples", self.nsamples)
         positive_int("seqlen", self.seqlen, MIN_SEQLEN)
+        seed_value("seed", self.seed)
 
 
 @dataclass(frozen=True)

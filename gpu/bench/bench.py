@@ -38,7 +38,7 @@ from ..checkpoint import models as models_mod
 from ..engine.blocks import warn_unused_owl
 from ..config import (
     DTYPES, MIN_SEQLEN, CalibOptions, ModelOptions, PipelineError, PruneConfig, ReconstructOptions, positive_int,
-    resolve_device,
+    resolve_device, seed_value,
 )
 from ..checkpoint.diskspace import writing
 from ..engine.distributed import current
@@ -107,9 +107,10 @@ class BenchConfig(ReconstructOptions, SolverOptions, CalibOptions, ModelOptions)
                 raise PipelineError(f"peers: unknown peer {p!r}; choose from {PEERS}", field="peers")
         for s in self.settings:
             _setting(s)
-        if not self.seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in self.seeds) \
-                or len(set(self.seeds)) < len(self.seeds):
+        if not self.seeds or len(set(self.seeds)) < len(self.seeds):
             raise PipelineError(f"seeds must be distinct integers, got {self.seeds!r}", field="seeds")
+        for seed in self.seeds:
+            seed_value("seeds", seed)
         if self.seed != 0:
             raise PipelineError("seed: the bench takes seeds (one or more), e.g. seeds=(3,)", field="seed")
         if self.baseline_method is not None and self.baseline_method not in self.methods:
