@@ -62,3 +62,44 @@ def test_bench_seeds_out_of_range_are_refused(seeds, capsys):
     assert info.value.field == "seeds"
     line = _refused(["bench", "--seeds", ",".join(map(str, seeds)), "--peers", ""], capsys)
     assert "--seeds" in line, line
+
+
+# --- BenchConfig's checks and fields (item 7) ----------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(reconstruct_batch=0), "reconstruct_batch"), (dict(reconstruct_steps=-1), "reconstruct_steps"),
+    (dict(reconstruct_lr=float("nan")), "reconstruct_lr"), (dict(nsamples=0), "nsamples"),
+    (dict(seqlen=1), "seqlen"), (dict(dtype="int8"), "dtype"), (dict(iters=0), "iters"),
+    (dict(matmul_precision="medium"), "matmul_precision"), (dict(targets=("(",)), "targets"),
+    (dict(ignore=("[",)), "ignore"), (dict(num_blocks=0), "num_blocks"),
+])
+def test_bench_config_runs_every_check(kwargs, field):
+    """`super(SolverOptions, self).__post_init__()` skipped the checks of the classes after it
+    in the MRO: `bench --reconstruct-batch 0` computed the dense perplexity, then skipped every run."""
+    with pytest.raises(AdmmPruneError) as info:
+        bench.BenchConfig(**kwargs)
+    assert info.value.field == field
+
+
+def test_bench_refuses_reconstruct_batch_0_before_any_work(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_bench", lambda *a: pytest.fail("the bench started"))
+    line = _refused(["bench", "--reconstruct-batch", "0", "--reconstruct-steps", "2", "--peers", ""], capsys)
+    assert "--reconstruct-batch" in line, line
+
+
+def test_bench_runs_keep_the_bench_settings():
+    """The field copy reset matmul_precision, targets, ignore, true_sequential and num_blocks to
+    their defaults in every run of the bench."""
+    cfg = bench.BenchConfig(matmul_precision="highest", targets=("mlp",), ignore=("down_proj",),
+                            true_sequential=True, num_blocks=1, reconstruct_steps=3, seqlen=64, nsamples=8)
+    run = cfg.run_config("admm-grad", 0.6, "unstructured", {"reconstruct_steps": None}, seed=2)
+    assert (run.matmul_precision, run.targets, run.ignore, run.true_sequential, run.num_blocks) == \
+        ("highest", ("mlp",), ("down_proj",), True, 1)
+    assert (run.reconstruct_steps, run.seqlen, run.nsamples, run.seed) == (3, 64, 8, 2)
+
+
+def test_bench_cli_passes_the_run_settings_on():
+    args = cli.build_parser().parse_args(["bench", "--matmul-precision", "highest", "--targets", "mlp",
+                                          "--ignore", "down_proj", "--true-sequential", "--num-blocks", "1"])
+    assert (args.matmul_precision, args.targets, args.ignore, args.true_sequential, args.num_blocks) == \
+        ("highest", ("mlp",), ("down_proj",), True, 1)

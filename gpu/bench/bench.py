@@ -37,8 +37,8 @@ from .. import methods as methods_mod
 from ..checkpoint import models as models_mod
 from ..engine.blocks import warn_unused_owl
 from ..config import (
-    DTYPES, MIN_SEQLEN, CalibOptions, ModelOptions, PipelineError, PruneConfig, ReconstructOptions, positive_int,
-    resolve_device, seed_value,
+    DTYPES, MIN_SEQLEN, CalibOptions, EngineOptions, ModelOptions, PipelineError, PruneConfig, ReconstructOptions,
+    positive_int, resolve_device, seed_value,
 )
 from ..checkpoint.diskspace import writing
 from ..engine.distributed import current
@@ -53,11 +53,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class BenchConfig(ReconstructOptions, SolverOptions, CalibOptions, ModelOptions):
+class BenchConfig(SolverOptions, EngineOptions, ReconstructOptions, CalibOptions, ModelOptions):
     """Every method x setting on one model, on the same calibration and evaluation windows.
 
     The solver settings are `SolverOptions`' (shared by every run); `methods` and `settings`
-    vary the method, sparsity and pattern (`VARIED`, not flags of their own)."""
+    vary the method, sparsity and pattern (`VARIED`, not flags of their own); every other
+    setting of a run (`EngineOptions`, `ReconstructOptions`, ...) is the bench's."""
 
     VARIED: ClassVar[tuple[str, ...]] = ("method", "sparsity", "pattern", "sparsity_profile", "offload_activations",
                                          "seed")  # reconstruct_steps: the steps of +reconstruct variants
@@ -83,8 +84,9 @@ class BenchConfig(ReconstructOptions, SolverOptions, CalibOptions, ModelOptions)
     out: str | None = option(None, "path prefix: writes OUT.md and OUT.json")
 
     def __post_init__(self):
-        # SolverOptions' own checks would judge `method` (a default no run uses): each variant's
-        # solver settings are checked instead, as its runs use them
+        # Every base's checks but SolverOptions', which would judge `method` (a default no run
+        # uses; each variant's solver settings are checked below, as its runs use them).
+        # SolverOptions is the first base, so the chain past it reaches all the others.
         super(SolverOptions, self).__post_init__()
         if not self.methods:
             raise PipelineError("methods is empty; name at least one, e.g. admm-grad", field="methods")
