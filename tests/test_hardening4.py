@@ -103,3 +103,19 @@ def test_bench_cli_passes_the_run_settings_on():
                                           "--ignore", "down_proj", "--true-sequential", "--num-blocks", "1"])
     assert (args.matmul_precision, args.targets, args.ignore, args.true_sequential, args.num_blocks) == \
         ("highest", ("mlp",), ("down_proj",), True, 1)
+
+
+# --- eval --out with PREFIX.json a directory (item 13) -------------------------------------------
+
+@pytest.mark.parametrize("command, ext", [("eval", ".json"), ("eval", ".md"), ("bench", ".json"), ("bench", ".md")])
+def test_a_report_path_that_is_a_directory_is_refused_before_any_work(command, ext, tmp_path, capsys, monkeypatch):
+    """`eval --out P` with P.json a directory failed after the whole evaluation."""
+    from admm_prune.gpu.evaluation import evaluate
+
+    (tmp_path / f"r{ext}").mkdir()
+    monkeypatch.setattr(evaluate, "_evaluate", lambda *a, **k: pytest.fail("the evaluation started"))
+    monkeypatch.setattr(bench, "_bench", lambda *a, **k: pytest.fail("the bench started"))
+    extra = ["--peers", ""] if command == "bench" else []
+    line = _refused([command, "--out", str(tmp_path / "r"), "--eval", "x.txt", *extra], capsys)
+    assert "--out" in line and f"r{ext}" in line and "directory" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"r{ext}"]  # nothing else written
