@@ -5,6 +5,9 @@ or replaced by less)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 from synth import write_corpus
 
@@ -119,3 +122,43 @@ def test_a_report_path_that_is_a_directory_is_refused_before_any_work(command, e
     line = _refused([command, "--out", str(tmp_path / "r"), "--eval", "x.txt", *extra], capsys)
     assert "--out" in line and f"r{ext}" in line and "directory" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"r{ext}"]  # nothing else written
+
+
+# --- an interrupted bench (item 4) ---------------------------------------------------------------
+
+def test_an_interrupted_bench_keeps_the_earlier_complete_result(corpus, tmp_path, monkeypatch):
+    """A bench interrupted after its first run replaced an earlier complete PREFIX.json/.md by a
+    1-row table that did not say it was partial. Now the runs so far go to PREFIX.partial.json/.md,
+    marked partial, and PREFIX.json/.md change only when a bench completes."""
+    from admm_prune.gpu.checkpoint import models
+
+    model, tok = models.tiny_model("llama")
+    prefix = tmp_path / "b"
+    cfg = bench.BenchConfig(calib=str(corpus / "calib.jsonl"), eval=str(corpus / "eval.txt"), nsamples=4, seqlen=32,
+                            eval_seqlen=64, eval_windows=2, settings=("0.5", "0.6"), peers=(), methods=("wanda",),
+                            device="cpu", progress=False, out=str(prefix))
+    bench.run_bench(cfg, model=model, tokenizer=tok)
+    complete = {ext: (tmp_path / f"b{ext}").read_bytes() for ext in (".json", ".md")}
+    assert len(json.loads(complete[".json"])["runs"]) == 2
+
+    real, calls = bench.perplexity, []
+
+    def interrupted(*a, **k):  # the dense perplexity, the first run's, then Ctrl-C in the second run's
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench, "perplexity", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="partial"):
+        bench.run_bench(dataclasses.replace(cfg, seeds=(1,)), model=model, tokenizer=tok)
+    assert {ext: (tmp_path / f"b{ext}").read_bytes() for ext in (".json", ".md")} == complete
+    partial = json.loads((tmp_path / "b.partial.json").read_text())
+    assert len(partial["runs"]) == 1 and partial["partial"] == {"runs": 1, "planned": 2}
+    assert (tmp_path / "b.partial.md").read_text().startswith("**Partial:** 1 of 2 runs")
+
+    monkeypatch.setattr(bench, "perplexity", real)  # a complete bench replaces the result, drops the partial one
+    bench.run_bench(dataclasses.replace(cfg, seeds=(1,)), model=model, tokenizer=tok)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.md"]
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert len(result["runs"]) == 2 and "partial" not in result and result["config"]["seeds"] == [1]
