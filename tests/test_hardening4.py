@@ -162,3 +162,48 @@ def test_an_interrupted_bench_keeps_the_earlier_complete_result(corpus, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.md"]
     result = json.loads((tmp_path / "b.json").read_text())
     assert len(result["runs"]) == 2 and "partial" not in result and result["config"]["seeds"] == [1]
+
+
+# --- resume checks the model's bytes (item 2) ----------------------------------------------------
+
+def test_resume_refuses_a_model_replaced_by_one_of_the_same_sizes(tmp_path, corpus, capsys, monkeypatch):
+    """The resume fingerprint held the shards' names and sizes: another model of the same shape
+    saved at the same path resumed with exit 0, giving a checkpoint that mixed both models.
+    The same model written again (new mtimes, same bytes) still resumes."""
+    from admm_prune.gpu.checkpoint import models, sources
+
+    ck, out = tmp_path / "ck", tmp_path / "out"
+
+    def save(seed):
+        model, tok = models.tiny_model("llama", seed=seed)
+        model.save_pretrained(ck)
+        tok.save_pretrained(ck)
+        return (ck / "model.safetensors").read_bytes()
+
+    first = save(0)
+    block = sources.StreamedModel.block
+
+    def interrupted_at_block_1(self, i, tensors=None):
+        if i == 1:
+            raise KeyboardInterrupt
+        return block(self, i, tensors)
+
+    argv = ["prune", "--model", str(ck), "--calib", str(corpus / "calib.jsonl"), "--eval", "none", "--nsamples", "4",
+            "--seqlen", "32", "--iters", "4", "--mask-steps", "2", "--device", "cpu", "--no-progress",
+            "--out", str(out), "--resume"]
+    monkeypatch.setattr(sources.StreamedModel, "block", interrupted_at_block_1)
+    assert cli.main(argv) == 130 and (tmp_path / ".out.staging" / "block-00000.safetensors").is_file()
+    monkeypatch.undo()
+    capsys.readouterr()
+
+    other = save(1)
+    assert len(other) == len(first) and other != first
+    capsys.readouterr()  # save_pretrained's progress bar
+    line = _refused(argv, capsys)
+    assert "cannot --resume" in line and "model.safetensors" in line and "content" in line, line
+    assert len(line) < 400, line
+
+    assert save(0) == first  # the same bytes again: resumed
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_blocks"] == 1
