@@ -143,3 +143,28 @@ def test_a_run_killed_during_the_swap_loses_no_output(how, setup, tmp_path, caps
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(old) in err[0] and "--out" in err[0], err
     assert _contents(old) == before
+
+
+def test_when_neither_rename_back_works_the_message_says_where_the_old_output_is(setup, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """Two renames, the second fails and so does moving the old output back: one line naming
+    the folder that holds the old output (and the new checkpoint), which the next run names too."""
+    out, before = _first_output(setup, tmp_path, capsys)
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name == "final" or ".out.old-" in self.name:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(output, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(Path, "rename", rename)
+    assert cli.main([*_argv(setup, out, "0.6"), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    (old,) = tmp_path.glob(".out.old-*")
+    assert err[-1].startswith("admm-prune: error: ") and f"the earlier output is in {old}" in err[-1], err
+    assert all(str(old) in line for line in err), err  # the log line of what is kept says it too
+    assert _contents(old) == before
+    monkeypatch.undo()
+    assert cli.main([*_argv(setup, out, "0.6"), "--overwrite"]) == 2
+    assert str(old) in capsys.readouterr().err
