@@ -207,3 +207,11 @@ def test_resume_refuses_a_model_replaced_by_one_of_the_same_sizes(tmp_path, corp
     capsys.readouterr()
     assert cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["resumed_blocks"] == 1
+
+
+def test_a_staging_folder_without_the_content_digest_is_refused_in_a_short_line():
+    from admm_prune.gpu.checkpoint.staging import _change
+
+    new = {"path": "ck", "files": {"model.safetensors": 10}, "content": {"model.safetensors": "ab" * 32}}
+    said = _change("model", {k: v for k, v in new.items() if k != "content"}, new)
+    assert said == "the staged run predates the check of the model's content; rerun without resume"

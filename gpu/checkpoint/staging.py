@@ -50,6 +50,8 @@ def _change(key: str, old, new) -> str:
     if key == "model" and isinstance(old, dict) and isinstance(new, dict):
         changed = [k for k in ("path", "architecture", "files", "content") if old.get(k) != new.get(k)]
         for k in changed[:1]:
+            if k == "content" and old.get(k) is None:
+                return "the staged run predates the check of the model's content; rerun without resume"
             if k in ("files", "content") and isinstance(old.get(k), dict) and isinstance(new.get(k), dict):
                 files = sorted(f for f in set(old[k]) | set(new[k]) if old[k].get(f) != new[k].get(f))
                 what = "size" if k == "files" else "content"
