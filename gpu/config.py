@@ -22,6 +22,7 @@ from admm_prune.reference.options import Options, SolverOptions, option
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MATMUL_PRECISIONS = ("high", "highest")  # torch's names: TF32 allowed, IEEE float32
 MIN_SEQLEN = 2  # one rule for calibration and evaluation windows: a next-token loss needs two
+MAX_SEED = 2**32 - 1  # numpy's range; the reconstruction seeds torch with seed * 1_000_003 + block
 
 
 class PipelineError(AdmmPruneError):
@@ -35,6 +36,13 @@ def positive_int(name: str, value, minimum: int = 1, optional: bool = False):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise PipelineError(f"{name} must be {what}, got {value!r}", field=name)
+
+
+def seed_value(name: str, value) -> None:
+    """`value` is an int in [0, MAX_SEED]; else a PipelineError naming `name`. Negative seeds
+    are refused, not folded: ``random.Random(-1)`` draws what ``Random(1)`` draws."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise PipelineError(f"{name}: {value!r} is not a seed, an integer in [0, {MAX_SEED}]", field=name)
 
 
 def patterns(name: str, value) -> tuple[str, ...]:
@@ -88,6 +96,7 @@ class CalibOptions(Options):
         super().__post_init__()
         positive_int("nsamples", self.nsamples)
         positive_int("seqlen", self.seqlen, MIN_SEQLEN)
+        seed_value("seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -112,13 +121,10 @@ class ReconstructOptions(Options):
 
 
 @dataclass(frozen=True)
-class PruneConfig(ReconstructOptions, SolverOptions, CalibOptions, ModelOptions):
-    """Everything a pruning run needs; the CLI only parses flags into this.
-
-    Defaults follow the paper: ADMM-Grad at 50 %, 128 calibration windows of 2048 tokens
-    from C4, WikiText-2 perplexity. ``seqlen`` is never taken from the model's
-    ``max_position_embeddings`` (131072 on Llama-3.x).
-    """
+class EngineOptions(Options):
+    """How the engine goes through the model: which linears and blocks it prunes, in what order
+    it collects their inputs, how precise the solves' float32 products are. The bench's runs
+    take them from the bench (`BenchConfig` extends it too)."""
 
     targets: tuple[str, ...] = option((), "prune only the linears of each decoder layer whose name in the layer "
                                           "(self_attn.q_proj, mlp.down_proj, ...) a regular expression finds "
@@ -126,6 +132,33 @@ class PruneConfig(ReconstructOptions, SolverOptions, CalibOptions, ModelOptions)
                                       metavar="REGEX,...")
     ignore: tuple[str, ...] = option((), "leave dense the linears whose name one of these regular expressions "
                                          "finds, comma-separated (e.g. o_proj,down_proj)", metavar="REGEX,...")
+    true_sequential: bool = option(False, "collect each group's inputs after the groups before it in the "
+                                          "block are pruned (o_proj/down_proj see pruned q/k/v, gate/up)")
+    num_blocks: int | None = option(None, "prune only the first K blocks (default: all)")
+    matmul_precision: str = option("high", "float32 matrix products of the solves (ADMM, SparseGPT, the finish) "
+                                           "on CUDA: 'high' lets them use TF32 (faster, ~1e-3 relative per "
+                                           "product), 'highest' keeps IEEE float32; Gram sums stay float64 "
+                                           "and the CPU is always IEEE", choices=MATMUL_PRECISIONS)
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive_int("num_blocks", self.num_blocks, optional=True)
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise PipelineError(f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got "
+                                f"{self.matmul_precision!r}", field="matmul_precision")
+        for name in ("targets", "ignore"):
+            object.__setattr__(self, name, patterns(name, getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class PruneConfig(EngineOptions, ReconstructOptions, SolverOptions, CalibOptions, ModelOptions):
+    """Everything a pruning run needs; the CLI only parses flags into this.
+
+    Defaults follow the paper: ADMM-Grad at 50 %, 128 calibration windows of 2048 tokens
+    from C4, WikiText-2 perplexity. ``seqlen`` is never taken from the model's
+    ``max_position_embeddings`` (131072 on Llama-3.x).
+    """
+
     eval: str | None = option("wikitext2", "perplexity data (wikitext2, a local file, or 'none')")
     eval_split: str = option("test", "split of a hub evaluation dataset")
     eval_seqlen: int | None = option(None, "perplexity window length in tokens (default: --seqlen)")
@@ -140,25 +173,12 @@ class PruneConfig(ReconstructOptions, SolverOptions, CalibOptions, ModelOptions)
     shard_per_block: bool = option(False, "each decoder block (and the tensors outside the blocks) a shard of "
                                           "its own, hard-linked from the staging folder: the weights are not "
                                           "read and written a second time at the end (--max-shard-size unused)")
-    true_sequential: bool = option(False, "collect each group's inputs after the groups before it in the "
-                                          "block are pruned (o_proj/down_proj see pruned q/k/v, gate/up)")
-    num_blocks: int | None = option(None, "prune only the first K blocks (default: all)")
-    matmul_precision: str = option("high", "float32 matrix products of the solves (ADMM, SparseGPT, the finish) "
-                                           "on CUDA: 'high' lets them use TF32 (faster, ~1e-3 relative per "
-                                           "product), 'highest' keeps IEEE float32; Gram sums stay float64 "
-                                           "and the CPU is always IEEE", choices=MATMUL_PRECISIONS)
 
     def __post_init__(self):
         super().__post_init__()
         positive_int("eval_seqlen", self.eval_seqlen, MIN_SEQLEN, optional=True)
         positive_int("eval_windows", self.eval_windows, optional=True)
-        positive_int("num_blocks", self.num_blocks, optional=True)
         positive_int("max_shard_size", self.max_shard_size)
-        if self.matmul_precision not in MATMUL_PRECISIONS:
-            raise PipelineError(f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got "
-                                f"{self.matmul_precision!r}", field="matmul_precision")
-        for name in ("targets", "ignore"):
-            object.__setattr__(self, name, patterns(name, getattr(self, name)))
         if self.layer_errors and self.spec.needs == "weights":
             raise PipelineError(f"layer_errors needs calibration inputs; {self.method} reads only the weights",
                                 field="layer_errors")

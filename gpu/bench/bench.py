@@ -14,6 +14,7 @@ resident set size above the level before the run, sampled every 20 ms (approxima
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -37,8 +38,8 @@ from .. import methods as methods_mod
 from ..checkpoint import models as models_mod
 from ..engine.blocks import warn_unused_owl
 from ..config import (
-    DTYPES, MIN_SEQLEN, CalibOptions, ModelOptions, PipelineError, PruneConfig, ReconstructOptions, positive_int,
-    resolve_device,
+    DTYPES, MIN_SEQLEN, CalibOptions, EngineOptions, ModelOptions, PipelineError, PruneConfig, ReconstructOptions,
+    positive_int, resolve_device, seed_value,
 )
 from ..checkpoint.diskspace import writing
 from ..engine.distributed import current
@@ -53,11 +54,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class BenchConfig(ReconstructOptions, SolverOptions, CalibOptions, ModelOptions):
+class BenchConfig(SolverOptions, EngineOptions, ReconstructOptions, CalibOptions, ModelOptions):
     """Every method x setting on one model, on the same calibration and evaluation windows.
 
     The solver settings are `SolverOptions`' (shared by every run); `methods` and `settings`
-    vary the method, sparsity and pattern (`VARIED`, not flags of their own)."""
+    vary the method, sparsity and pattern (`VARIED`, not flags of their own); every other
+    setting of a run (`EngineOptions`, `ReconstructOptions`, ...) is the bench's."""
 
     VARIED: ClassVar[tuple[str, ...]] = ("method", "sparsity", "pattern", "sparsity_profile", "offload_activations",
                                          "seed")  # reconstruct_steps: the steps of +reconstruct variants
@@ -80,11 +82,13 @@ class BenchConfig(ReconstructOptions, SolverOptions, CalibOptions, ModelOptions)
     eval_split: str = option("validation", "split of a hub evaluation dataset")
     eval_seqlen: int = option(2048, "perplexity window length in tokens")
     eval_windows: int | None = option(None, "at most this many perplexity windows (default: all)")
-    out: str | None = option(None, "path prefix: writes OUT.md and OUT.json")
+    out: str | None = option(None, "path prefix: writes OUT.md and OUT.json when the bench completes (the runs so "
+                                   "far: OUT.partial.md/.json)")
 
     def __post_init__(self):
-        # SolverOptions' own checks would judge `method` (a default no run uses): each variant's
-        # solver settings are checked instead, as its runs use them
+        # Every base's checks but SolverOptions', which would judge `method` (a default no run
+        # uses; each variant's solver settings are checked below, as its runs use them).
+        # SolverOptions is the first base, so the chain past it reaches all the others.
         super(SolverOptions, self).__post_init__()
         if not self.methods:
             raise PipelineError("methods is empty; name at least one, e.g. admm-grad", field="methods")
@@ -107,9 +111,10 @@ class BenchConfig(ReconstructOptions, SolverOptions, CalibOptions, ModelOptions)
                 raise PipelineError(f"peers: unknown peer {p!r}; choose from {PEERS}", field="peers")
         for s in self.settings:
             _setting(s)
-        if not self.seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in self.seeds) \
-                or len(set(self.seeds)) < len(self.seeds):
+        if not self.seeds or len(set(self.seeds)) < len(self.seeds):
             raise PipelineError(f"seeds must be distinct integers, got {self.seeds!r}", field="seeds")
+        for seed in self.seeds:
+            seed_value("seeds", seed)
         if self.seed != 0:
             raise PipelineError("seed: the bench takes seeds (one or more), e.g. seeds=(3,)", field="seed")
         if self.baseline_method is not None and self.baseline_method not in self.methods:
@@ -226,8 +231,9 @@ def _rss() -> int:
 
 def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
     """Every method x setting of `cfg` on one model (`model`/`tokenizer` in memory, or
-    ``cfg.model``); returns the results, written to OUT.json/OUT.md after every run with
-    ``cfg.out`` (whose ``OUT.lock`` is held meanwhile: one bench per prefix)."""
+    ``cfg.model``); returns the results. With ``cfg.out`` they are written after every run to
+    OUT.partial.json/.md, and to OUT.json/.md once complete (`_save`); ``OUT.lock`` is held
+    meanwhile: one bench per prefix."""
     warn_unused_owl(cfg, any(parse_variant(m)[1].get("sparsity_profile") == "owl" for m in cfg.methods),
                     "only +owl variants read")
     with prefix_lock(cfg.out, current().main):
@@ -271,54 +277,88 @@ def _bench(cfg: BenchConfig, model, tokenizer) -> dict:
             result["skipped"][peer] = why
     jobs = [(seed, s, impl, m) for seed in cfg.seeds for s in cfg.settings for impl, m in
             [("admm-prune", m) for m in cfg.methods] + [(p, m) for p in peers for m in cfg.peer_methods]]
-    for seed, setting, impl, method in tqdm(jobs, desc="bench", disable=not cfg.progress):
-        sparsity, pattern = _setting(setting)
-        calib_ids = calibration[seed][0]
-        if impl == "admm-prune":
-            base, overrides = parse_variant(method)
-            try:
-                pcfg = cfg.run_config(base, sparsity, pattern, overrides, seed)
-            except AdmmPruneError as e:  # e.g. OWL at an N:M setting
-                result["skipped"][f"{method} {setting}"] = str(e)
-                continue
-        model.load_state_dict(dense_state)
-        errors = []
-        with _PeakMemory(device) as mem:
-            start = time.perf_counter()
-            recon = []
+    with _partial_on_interrupt(cfg, result, len(jobs)):
+        for seed, setting, impl, method in tqdm(jobs, desc="bench", disable=not cfg.progress):
+            sparsity, pattern = _setting(setting)
+            calib_ids = calibration[seed][0]
             if impl == "admm-prune":
-                phases = []
-                records, _ = prune_model(model, calib_ids, pcfg, phases=phases, reconstruction=recon)
-                errors = [r.error_pruned for r in records]
-            else:
-                llmcompressor_prune(model, tokenizer, calib_ids, method, sparsity, pattern)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
-        run = {"seed": seed, "setting": setting, "impl": impl, "method": method, "prune_seconds": seconds,
-               "phase_seconds": phase_totals(phases) if impl == "admm-prune" else None,
-               "peak_memory_gib": mem.gib, "linear_sparsity": linear_sparsity(model),
-               "mean_layer_error": mean_layer_error(errors),
-               "block_output_error": ({"before": mean_layer_error(r["error_before"] for r in recon),
-                                       "after": mean_layer_error(r["error_after"] for r in recon),
-                                       "blocks": len(recon), "lowered": sum(r["error_after"] < r["error_before"]
-                                                                            for r in recon),
-                                       "reverted": sum(bool(r["reverted"]) for r in recon)} if recon else None),
-               "perplexity": perplexity(model, windows, desc=f"{impl} {method} {setting} seed {seed}", **eval_kw)}
-        log.info("%s", run)
-        result["runs"].append(run)
-        _save(result, cfg)  # after every run: a long benchmark keeps what it measured
+                base, overrides = parse_variant(method)
+                try:
+                    pcfg = cfg.run_config(base, sparsity, pattern, overrides, seed)
+                except AdmmPruneError as e:  # e.g. OWL at an N:M setting
+                    result["skipped"][f"{method} {setting}"] = str(e)
+                    continue
+            model.load_state_dict(dense_state)
+            errors = []
+            with _PeakMemory(device) as mem:
+                start = time.perf_counter()
+                recon = []
+                if impl == "admm-prune":
+                    phases = []
+                    records, _ = prune_model(model, calib_ids, pcfg, phases=phases, reconstruction=recon)
+                    errors = [r.error_pruned for r in records]
+                else:
+                    llmcompressor_prune(model, tokenizer, calib_ids, method, sparsity, pattern)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - start
+            run = {"seed": seed, "setting": setting, "impl": impl, "method": method, "prune_seconds": seconds,
+                   "phase_seconds": phase_totals(phases) if impl == "admm-prune" else None,
+                   "peak_memory_gib": mem.gib, "linear_sparsity": linear_sparsity(model),
+                   "mean_layer_error": mean_layer_error(errors),
+                   "block_output_error": ({"before": mean_layer_error(r["error_before"] for r in recon),
+                                           "after": mean_layer_error(r["error_after"] for r in recon),
+                                           "blocks": len(recon), "lowered": sum(r["error_after"] < r["error_before"]
+                                                                                for r in recon),
+                                           "reverted": sum(bool(r["reverted"]) for r in recon)} if recon else None),
+                   "perplexity": perplexity(model, windows, desc=f"{impl} {method} {setting} seed {seed}", **eval_kw)}
+            log.info("%s", run)
+            result["runs"].append(run)
+            _save(result, cfg, planned=len(jobs))  # after every run: a long benchmark keeps what it measured
     model.load_state_dict(dense_state)
     return _save(result, cfg)
 
 
-def _save(result: dict, cfg: BenchConfig) -> dict:
+@contextlib.contextmanager
+def _partial_on_interrupt(cfg: BenchConfig, result: dict, planned: int):
+    """An interruption (Ctrl-C, SIGTERM at the CLI) says where the runs so far are kept."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if cfg.out is None or not result["runs"]:
+            raise
+        raise KeyboardInterrupt(f"{len(result['runs'])} of {planned} runs kept in {cfg.out}.partial.json and .md "
+                                f"(marked partial); {cfg.out}.json and .md are left as they were") from None
+
+
+def _save(result: dict, cfg: BenchConfig, planned: int | None = None) -> dict:
+    """The results so far: `planned` runs in all (None: the bench is complete).
+
+    A complete bench writes OUT.json and OUT.md and removes OUT.partial.*; an unfinished one
+    writes only OUT.partial.json/.md, marked partial, so an earlier complete OUT.json is never
+    replaced by less (an interrupted bench leaves both)."""
     result["ratios"] = ratios_to_peer(result["runs"])
     result["summary"] = summarize(result["runs"], cfg.baseline_method)
     result["markdown"] = format_markdown(result)
+    if planned is not None:
+        result["partial"] = {"runs": len(result["runs"]), "planned": planned}
+        result["markdown"] = (f"**Partial:** {len(result['runs'])} of {planned} runs (the bench was still running "
+                              f"or was interrupted).\n\n" + result["markdown"])
+    else:
+        result.pop("partial", None)
     if cfg.out is not None:
-        with writing(cfg.out + ".json"):
-            write_atomic(Path(cfg.out + ".json"), json.dumps(result, indent=2, default=str))
-        with writing(cfg.out + ".md"):
-            write_atomic(Path(cfg.out + ".md"), result["markdown"])
+        paths = _report_paths(cfg.out, partial=planned is not None)
+        with writing(paths[0]):
+            write_atomic(paths[0], json.dumps(result, indent=2, default=str))
+        with writing(paths[1]):
+            write_atomic(paths[1], result["markdown"])
+        if planned is None:
+            for p in _report_paths(cfg.out, partial=True):
+                p.unlink(missing_ok=True)
     return result
+
+
+def _report_paths(out: str, partial: bool) -> tuple[Path, Path]:
+    """OUT.json and OUT.md, or OUT.partial.json and OUT.partial.md."""
+    stem = out + (".partial" if partial else "")
+    return Path(stem + ".json"), Path(stem + ".md")

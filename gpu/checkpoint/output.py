@@ -5,26 +5,34 @@ Assembly groups the staged files into shards of at most ``max_shard_size`` bytes
 made of one file is a hard link; several are concatenated byte for byte, so memory stays
 flat; ``shard_per_block`` makes every staged file a shard, all links) and adds the index,
 config, generation config and tokenizer. Publishing adds the report and renames the folder
-onto ``--out`` (an old ``--out`` is moved aside first and removed only after the new one is
-in place; SIGINT is held off for those two renames).
+onto ``--out``. An old ``--out`` (``--overwrite``) trades places with the new folder in one
+``renameat2(RENAME_EXCHANGE)`` on Linux, then is removed: no moment without a complete
+``--out``. Where that call is missing (another OS, a filesystem without it) two renames do it:
+the old output moved aside to ``.NAME.old-PID``, moved back if the second rename fails, and
+named by the next run's one-line refusal if a kill comes between them. SIGINT is held off
+during the swap.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import errno
 import json
 import logging
 import os
 import shutil
 import signal
 import struct
+import sys
 import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 from ..config import PipelineError
+from .diskspace import writing
 from .lock import OutputBusy, OutputLock
 from ..engine.report import PruneReport, missing_parents, usual_mode
 from .shards import INDEX, SINGLE, read_header
@@ -51,6 +59,10 @@ class OutputPlan:
                 raise PipelineError(f"out {out} is a symlink that does not resolve ({e})", field="out") from None
             log.info("out %s is a symlink to %s: writing through to it%s", out, path,
                      " (replacing what is there)" if overwrite and path.exists() else "")
+        if not path.exists() and (aside := moved_aside(path)):
+            raise PipelineError(f"out {out} is missing: a run killed while replacing it (overwrite) left the earlier "
+                                f"output in {aside[0]}; move that back to {out}, or remove it, then rerun",
+                                field="out")
         if path.exists() and not overwrite:
             raise PipelineError(f"out {out} already exists; pass overwrite to replace it")
         if path.exists() and not path.is_dir():
@@ -142,9 +154,8 @@ def publish(staging: Staging, final: Path, overwrite: bool, report: PruneReport)
             if not overwrite:
                 raise PipelineError(f"out {out} appeared while pruning; not replacing it "
                                     f"(the finished checkpoint is in {final})")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            final.rename(out)
+            with writing(out):  # no room for the rename: a WriteError, --out as it was
+                old = _swap(final, out)
             shutil.rmtree(old, ignore_errors=True)
             log.info("replaced the earlier contents of %s (overwrite)", out)
         else:
@@ -153,12 +164,59 @@ def publish(staging: Staging, final: Path, overwrite: bool, report: PruneReport)
     return bool(caught)
 
 
+def _swap(new: Path, out: Path) -> Path:
+    """Put the folder `new` in place of the folder `out`; returns where the old `out` is now
+    (for the caller to remove). One exchange where the OS and filesystem have it, else two
+    renames with the old output moved back if the second fails."""
+    if _exchange(new, out):
+        return new  # the old output, under the new folder's name
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException as error:
+        try:
+            old.rename(out)
+        except OSError as e:
+            raise PipelineError(f"could not put the new checkpoint in place ({error}) nor move the earlier output "
+                                f"back ({e.strerror}): the earlier output is in {old}, the new checkpoint in "
+                                f"{new}") from error
+        raise
+    return old
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False
+    where that is not available (another OS, a libc or kernel without it, a filesystem that
+    does not support it), so the caller swaps by other means. Other errors raise OSError."""
+    if sys.platform != "linux":
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2  # <fcntl.h>, <linux/fs.h>
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def moved_aside(out: Path) -> list[Path]:
+    """Earlier outputs of `out` that an interrupted two-rename swap left moved aside."""
+    return sorted(p for p in out.parent.glob(f".{out.name}.old-*") if p.is_dir())
+
+
 def after_failure(staging: Staging | None, plan: OutputPlan | None, resumable: bool = True) -> str | None:
     """Clean up after a failed or interrupted run; say what is kept on disk (None: nothing).
     `resumable`: whether rerunning with --resume can get past what stopped the run (an
     interruption, a full disk), or not (a damaged checkpoint, NaN in a block)."""
     if staging is not None and plan is not None and staging.finished:
-        kept = f"{plan.out} untouched; {len(staging.finished)} finished blocks kept in {staging.path}"
+        where = f"{plan.out} untouched" if plan.out.exists() or not moved_aside(plan.out) else \
+            f"the earlier {plan.out} is in {moved_aside(plan.out)[0]}"
+        kept = f"{where}; {len(staging.finished)} finished blocks kept in {staging.path}"
         return kept + (": rerun the same command with --resume to continue" if resumable else
                        "; resuming cannot get past this error (the next fresh run removes them)")
     if staging is not None:

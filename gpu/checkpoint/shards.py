@@ -10,6 +10,7 @@ tensors start with ``model.layers.<i>.`` (`block_prefix`), everything else is "t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -22,6 +23,7 @@ from .models import ModelError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+SAMPLES, SAMPLE_BYTES = 64, 1 << 16  # what `content_digest` reads of each shard: 64 x 64 KiB
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -58,6 +60,10 @@ class Checkpoint:
 
     def files(self) -> list[Path]:
         return [self.path / f for f in sorted(set(self.weight_map.values()))]
+
+    def content(self) -> dict[str, str]:
+        """{file: `content_digest`} of every shard: the checkpoint's content for the resume manifest."""
+        return {p.name: content_digest(p) for p in self.files()}
 
     def block_keys(self, i: int) -> list[str]:
         return [k for k in self.weight_map if k.startswith(block_prefix(i))]
@@ -104,6 +110,33 @@ class Checkpoint:
                                          f"repair it")
             sizes[path.name] = path.stat().st_size
         return sizes
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a shard's header and of SAMPLES evenly spaced pieces of its data (SAMPLE_BYTES
+    each, the last piece ending at the end of the file): what ``--resume`` compares to know the
+    model it continues is the one it started on.
+
+    Why this is enough: two models of the same architecture have the same tensor names, shapes
+    and offsets, so the same header and file sizes, but different weights almost everywhere
+    (another training run, a fine-tune, another seed or dtype conversion change nearly every
+    value), so 64 pieces spread over the file differ. mtimes would not do: a copy that keeps
+    them (``cp -p``, ``rsync -t``) passes, the same bytes written again fail. What it misses is
+    an edit confined to bytes between the pieces (one tensor changed by hand); hashing every
+    byte would catch that too, at the cost of reading and hashing the whole model again
+    (minutes for 100+ GB) for each run. 4 MiB per shard are read here.
+    """
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        h.update(f.read(n))
+        start = 8 + n
+        span = max(size - start - SAMPLE_BYTES, 0)
+        for k in range(SAMPLES):
+            f.seek(start + span * k // max(SAMPLES - 1, 1))
+            h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
 
 
 @contextlib.contextmanager

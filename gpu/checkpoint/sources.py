@@ -163,9 +163,12 @@ class StreamedModel:
         self.sizes = self.checkpoint.scan()
 
     def identity(self) -> dict:
+        """Name, path, architecture, and the shards' sizes and content digests
+        (`shards.content_digest`): a resumed run checks it continues on the same bytes."""
         return {"name": self.name, "path": str(self.checkpoint.path),
                 "files": getattr(self, "sizes", None) or
                 {p.name: p.stat().st_size for p in self.checkpoint.files()},
+                "content": self.checkpoint.content(),
                 "architecture": type(self.model).__name__}
 
 

@@ -44,6 +44,23 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _change(key: str, old, new) -> str:
+    """What differs between two fingerprint values, in a few words: the first differing entry of
+    a dict (the model's files), not the whole dict."""
+    if key == "model" and isinstance(old, dict) and isinstance(new, dict):
+        changed = [k for k in ("path", "architecture", "files", "content") if old.get(k) != new.get(k)]
+        for k in changed[:1]:
+            if k == "content" and old.get(k) is None:
+                return "the staged run predates the check of the model's content; rerun without resume"
+            if k in ("files", "content") and isinstance(old.get(k), dict) and isinstance(new.get(k), dict):
+                files = sorted(f for f in set(old[k]) | set(new[k]) if old[k].get(f) != new[k].get(f))
+                what = "size" if k == "files" else "content"
+                return (f"the model's {what} changed since the staged run ({', '.join(files[:3])}"
+                        f"{', ...' if len(files) > 3 else ''} in {new.get('path')})")
+            return f"the model's {k} was {old.get(k)!r}, now {new.get(k)!r}"
+    return f"{key} was {old!r}, now {new!r}"
+
+
 def _save(tensors: dict, path: Path) -> None:
     """save_file to a temporary name, fsync, rename: `path` is complete or absent."""
     tmp = path.with_name(path.name + ".partial")
@@ -131,7 +148,7 @@ class Staging:
         diff = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
         if diff:
             k = diff[0]
-            raise PipelineError(f"cannot resume {self.path}: {k} was {old.get(k)!r}, now {fingerprint.get(k)!r}"
+            raise PipelineError(f"cannot resume {self.path}: {_change(k, old.get(k), fingerprint.get(k))}"
                                 + (f" (and {len(diff) - 1} more: {', '.join(diff[1:])})" if len(diff) > 1 else ""))
         blocks, kept = manifest.get("blocks", {}), {}
         for i in sorted(blocks, key=int):  # keep the verified prefix; a bad block and all after it are redone

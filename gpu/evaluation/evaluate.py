@@ -203,12 +203,16 @@ def format_eval_markdown(result: dict) -> str:
 
 
 def prepare_report_out(out: str | None) -> Path | None:
-    """Check that the report's folder can be written before hours of evaluation."""
+    """Check that the report (OUT.json, OUT.md) can be written before hours of evaluation."""
     if out is None:
         return None
     path = Path(out)
     if path.exists() and path.is_dir():
         raise PipelineError(f"out {out} is a directory; give a path prefix such as runs/eval_dense")
+    for ext in (".json", ".md"):
+        if (target := _with_ext(path, ext)).is_dir():
+            raise PipelineError(f"out {out}: {target} is a directory, where the report file goes; remove it or "
+                                f"choose another prefix", field="out")
     try:
         missing_parents(out)
     except ValueError as e:
