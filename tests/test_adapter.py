@@ -1,0 +1,216 @@
+"""The model adapter (gpu/checkpoint/adapter.py): the logits through the model's own head
+(Gemma-2's soft cap), tied embeddings answered by what the checkpoint holds, the checkpoint's
+own layout for packed experts, and mixture-of-experts pruning at the engine level."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+from synth import write_corpus
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from safetensors import safe_open  # noqa: E402
+from torch import nn  # noqa: E402
+
+from admm_prune.gpu import cli  # noqa: E402
+from admm_prune.gpu.checkpoint import models  # noqa: E402
+from admm_prune.gpu.checkpoint.adapter import adapter  # noqa: E402
+from admm_prune.gpu.checkpoint.weights import prunable_weights  # noqa: E402
+from admm_prune.gpu.engine import pipeline  # noqa: E402
+from admm_prune.gpu.evaluation import evaluate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"), seed=3)
+
+
+def _cli(args, capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(args)
+    return code, out.getvalue(), capsys.readouterr().err
+
+
+def _eval(corpus, model_dir, capsys) -> float:
+    code, out, err = _cli(["eval", "--model", str(model_dir), "--eval", str(corpus / "eval.txt"), "--seqlen", "32",
+                           "--eval-windows", "4", "--device", "cpu", "--no-progress"], capsys)
+    assert code == 0, err
+    return json.loads(out)["perplexity"]
+
+
+def _transformers_ppl(model_dir, corpus) -> float:
+    """exp(mean window loss) by transformers' own forward on the windows eval reads."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    windows = evaluate.load_eval_windows(str(corpus / "eval.txt"), "test", tok, 32, 4)
+    with torch.no_grad():
+        return math.exp(float(torch.stack([model(input_ids=w[None], labels=w[None]).loss for w in windows]).mean()))
+
+
+def _keys(folder) -> set[str]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def test_gemma2_perplexity_goes_through_its_soft_cap(corpus, tmp_path, capsys):
+    """Logits far past final_logit_softcapping (head scaled x 2000): eval equals transformers'
+    own loss; the norm + head computed by hand (no cap) gave ~1e9 times more before."""
+    model, tok = models.tiny_model("gemma2", final_logit_softcapping=30.0)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(2000.0)
+    model.save_pretrained(tmp_path / "g")
+    tok.save_pretrained(tmp_path / "g")
+    expected = _transformers_ppl(tmp_path / "g", corpus)
+    assert _eval(corpus, tmp_path / "g", capsys) == pytest.approx(expected, rel=1e-3)
+
+
+def test_tied_config_beside_a_stored_head_uses_the_head_and_keeps_it(corpus, tmp_path, capsys):
+    """config tie_word_embeddings=true, yet the checkpoint holds its own head: as transformers,
+    evaluate with that head; a pruned output keeps it."""
+    model, tok = models.tiny_model("llama")
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(5))
+    model.save_pretrained(tmp_path / "t")
+    tok.save_pretrained(tmp_path / "t")
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    (tmp_path / "t" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    expected = _transformers_ppl(tmp_path / "t", corpus)
+    assert _eval(corpus, tmp_path / "t", capsys) == pytest.approx(expected, rel=1e-5)
+    code, _, err = _cli(["prune", "--model", str(tmp_path / "t"), "--calib", str(corpus / "calib.jsonl"),
+                         "--nsamples", "2", "--seqlen", "32", "--iters", "2", "--mask-steps", "1", "--eval", "none",
+                         "--device", "cpu", "--no-progress", "--out", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert _keys(tmp_path / "out") == _keys(tmp_path / "t")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "t" / "model.safetensors"), "pt") as b:
+        head = adapter(model).output_embedding_key()
+        assert torch.equal(a.get_tensor(head), b.get_tensor(head))
+
+
+def test_tied_checkpoint_without_a_head_stays_tied(corpus, tmp_path, capsys):
+    model, tok = models.tiny_model("llama", tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "t")
+    tok.save_pretrained(tmp_path / "t")
+    assert adapter(model).output_embedding_key() not in _keys(tmp_path / "t")
+    assert _eval(corpus, tmp_path / "t", capsys) == pytest.approx(_transformers_ppl(tmp_path / "t", corpus), rel=1e-5)
+
+
+def test_logits_are_the_models_own():
+    model, _ = models.tiny_model("qwen3")
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        last = out.hidden_states[-1]  # after the final norm in transformers' convention: redo it from the blocks
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    shape = adapter(model)
+    blocks_out = []
+    shape_hook = shape.layers[-1].register_forward_hook(lambda m, a, o: blocks_out.append(o[0] if isinstance(o, tuple)
+                                                                                            else o))
+    with torch.no_grad():
+        model(input_ids=ids)
+    shape_hook.remove()
+    torch.testing.assert_close(shape.logits(blocks_out[0], ids), out.logits, rtol=0, atol=0)
+    assert last.shape == hidden[-1].shape
+
+
+def test_layers_found_by_class_not_by_path():
+    model, _ = models.tiny_model("llama")
+    shape = adapter(model)
+    assert shape.layers is model.get_decoder().layers and shape.block_prefix(3) == "model.layers.3."
+    assert shape.block_index("model.layers.12.mlp.up_proj.weight") == 12 and not shape.is_block_key("lm_head.weight")
+
+
+class _Packed(nn.Module):
+    """Experts in a layout no version here knows (a bias beside the packed weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.zeros(2, 8, 4))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(2, 8, 1))
+
+
+def test_unknown_packed_experts_are_refused_naming_the_module():
+    block = nn.Module()
+    block.mlp = nn.Module()
+    block.mlp.experts = _Packed()
+    with pytest.raises(models.ModelError, match=r"^mlp.experts: _Packed stores gate_up_proj, gate_up_proj_bias as "
+                                                r"3-D parameters \[2, 8, 4\]"):
+        prunable_weights(block)
+
+
+def test_mixtral_weights_routers_dense_and_experts_by_name():
+    model, _ = models.tiny_model("mixtral")
+    block = adapter(model).layers[0]
+    names = [w.name for w in prunable_weights(block)]
+    assert names[:4] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    assert names[4:] == [f"mlp.experts.{e}.{p}" for e in range(4) for p in ("gate_up_proj", "down_proj")]
+    assert [w.name for w in prunable_weights(block, targets=(r"experts\.3\.",))] == [
+        "mlp.experts.3.gate_up_proj", "mlp.experts.3.down_proj"]
+    w = prunable_weights(block, targets=(r"experts\.2\.down",))[0]
+    assert w.matrix(block).shape == (64, 128) and w.matrix(block).data_ptr() == block.mlp.experts.down_proj[2].data_ptr()
+
+
+@pytest.mark.parametrize("mode", ["routed", "all"])
+def test_mixtral_pruned_through_the_cli_in_its_own_layout(corpus, tmp_path, capsys, mode):
+    """Saved names equal the input's (per-expert w1/w2/w3 on disk), every expert 50 % zeros,
+    the router untouched, reloaded by transformers; streamed equals in memory; the report
+    lists each expert's tokens."""
+    model, tok = models.tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    code, _, err = _cli(["prune", "--model", str(tmp_path / "m"), "--calib", str(corpus / "calib.jsonl"),
+                         "--nsamples", "4", "--seqlen", "32", "--iters", "4", "--mask-steps", "2", "--eval", "none",
+                         "--device", "cpu", "--no-progress", "--moe-calibration", mode, "--out",
+                         str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert _keys(tmp_path / "out") == _keys(tmp_path / "m")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
+    for i, block in enumerate(adapter(reloaded).layers):
+        for e in range(4):
+            for W in (block.mlp.experts.gate_up_proj[e], block.mlp.experts.down_proj[e]):
+                assert float((W == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+        assert torch.equal(block.mlp.gate.weight, model.model.layers[i].mlp.gate.weight)
+        assert float((block.self_attn.q_proj.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    experts = [r for r in report["linears"] if ".experts." in r["name"]]
+    assert len(experts) == 2 * 4 * 2 and all(r["tokens"] is not None for r in experts)
+    if mode == "all":
+        assert all(r["tokens"] == 4 * 32 for r in experts)
+    else:
+        assert sum(r["tokens"] for r in experts if r["name"].endswith("gate_up_proj") and r["block"] == 0) == 2 * 4 * 32
+    cfg = pipeline.PruneConfig(calib=str(corpus / "calib.jsonl"), nsamples=4, seqlen=32, iters=4, mask_steps=2,
+                               eval=None, device="cpu", progress=False, moe_calibration=mode)
+    pipeline.run_prune(cfg, model=model, tokenizer=tok)
+    after = reloaded.state_dict()
+    for k, W in model.state_dict().items():
+        assert torch.equal(after[k], W), f"streamed != in memory: {k}"
+    with torch.no_grad():
+        reloaded.generate(torch.tensor([[1, 70, 71]]), max_new_tokens=3, do_sample=False)
+
+
+def test_experts_without_tokens_fall_back_and_stay_finite(corpus):
+    """16 experts, top-2, 8 calibration tokens: most experts see nothing; each is still pruned
+    to 50 %, finite, and its record says how many tokens it saw and which fell back."""
+    model, tok = models.tiny_model("mixtral", num_local_experts=16, num_experts_per_tok=2)
+    cfg = pipeline.PruneConfig(calib=str(corpus / "calib.jsonl"), nsamples=1, seqlen=8, iters=4, mask_steps=2,
+                               eval=None, device="cpu", progress=False)
+    report = pipeline.run_prune(cfg, model=model, tokenizer=tok)
+    experts = [r for r in report.linears if ".experts." in r["name"]]
+    assert len(experts) == 2 * 16 * 2
+    assert any(r["tokens"] == 0 for r in experts) and all((r["fallback"] is None) == (r["tokens"] >= 1)
+                                                          for r in experts)
+    for block in adapter(model).layers:
+        for W in (block.mlp.experts.gate_up_proj, block.mlp.experts.down_proj):
+            assert torch.isfinite(W).all()
+            assert torch.all((W == 0).flatten(1).float().mean(1) == 0.5)
