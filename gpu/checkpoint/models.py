@@ -240,6 +240,11 @@ _TINY = {
     "phi3": dict(intermediate_size=128, num_hidden_layers=2),  # fused qkv_proj and gate_up_proj
     "mixtral": dict(intermediate_size=128, num_hidden_layers=2, num_local_experts=4,
                     num_experts_per_tok=2),  # experts as 3-D parameters, a router mlp.gate
+    "qwen3_moe": dict(intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, head_dim=16,
+                      num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),  # q/k norms, no shared expert
+    "olmoe": dict(intermediate_size=32, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2),
+    "llama4_text": dict(intermediate_size=32, intermediate_size_mlp=128, num_hidden_layers=2, head_dim=16,
+                        num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2),  # dense, MoE
     "gpt_oss": dict(intermediate_size=64, num_hidden_layers=2, head_dim=16, num_local_experts=4,
                     num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
                     rope_parameters=dict(rope_type="default", rope_theta=150000.0)),  # experts with biases
@@ -248,7 +253,8 @@ _TINY = {
 
 def tiny_model(arch="llama", seed=0, **overrides):
     """A small random-init model of `arch` (a key of `_TINY`: "llama", "mistral", "qwen2",
-    "qwen3", "gemma2", "phi3", "mixtral", "gpt_oss") and a byte-level tokenizer.
+    "qwen3", "gemma2", "phi3", "mixtral", "qwen3_moe", "olmoe", "llama4_text", "gpt_oss") and a
+    byte-level tokenizer.
 
     Hidden 64, 4 heads / 2 KV heads (GQA), vocab = the tokenizer's 259 tokens; `overrides`
     replace config fields. Built offline in well under a second; the global RNG is left as is.
