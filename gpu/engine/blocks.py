@@ -112,15 +112,17 @@ def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, sparsity: float |
                 timer("forward"):
             calibrate_block(block, inps, kwargs, device)
         owners = dist.assign([_solve_cost(block, g, cfg) for g in stage])
-        with timer("share"):  # summed in float64 over the ranks, then the solvers' float32
+        with timer("share"):
             tokens = dist.sum_(torch.tensor([collector.tokens[w.name] for w in leaders], dtype=torch.float64,
                                             device=device)).tolist()
-            grams = [dist.sum_(collector.grams.pop(w.name)).float() for w in leaders]  # each float64 sum freed
         mine = []
-        for g, gram, owner, n in zip(stage, grams, owners, tokens):
+        for g, owner, n in zip(stage, owners, tokens):
+            with timer("share"):  # summed in float64 over the ranks, then the solvers' float32, on the device
+                gram = dist.sum_(collector.grams.pop(g[0].name).to(device)).float()  # one group's at a time
             if owner == dist.rank:
                 routed = int(n) if g[0].expert is not None else None
                 mine += prune_group(block, i, g, gram, cfg, sparsity, callback, timer, routed)
+            del gram
         with timer("share"):
             for g, owner in zip(stage, owners):
                 for w in g:

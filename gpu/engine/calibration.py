@@ -254,8 +254,12 @@ class GramCollector:
         self.timer = timer
         self.stop = stop
         weights = as_weights(weights)
+        experts = [w for w in weights if w.expert is not None]
+        size = torch.empty((), dtype=ACCUMULATE).element_size()
+        offload = sum(self._size(w.in_features(block)) for w in experts) * size > device_room(device)
         for w in weights:
-            self.grams[w.name] = self._zeros(w.in_features(block), device)
+            home = "cpu" if offload and w.expert is not None else device  # the experts' Grams, when they do not fit
+            self.grams[w.name] = self._zeros(w.in_features(block), home)
             self.tokens[w.name] = 0
         self._pending = set(self.grams)  # names not yet seen in this forward (stop=True)
         self.handles = hook_inputs(block, weights, self._feed, moe_calibration)
@@ -263,6 +267,10 @@ class GramCollector:
     @staticmethod
     def _zeros(d_in: int, device) -> torch.Tensor:
         return torch.zeros(d_in, d_in, dtype=ACCUMULATE, device=device)
+
+    @staticmethod
+    def _size(d_in: int) -> int:
+        return d_in * d_in
 
     @staticmethod
     def _accumulate(buf: torch.Tensor, x: torch.Tensor):
@@ -300,8 +308,9 @@ class GramCollector:
 
     def _feed(self, w: Weight, x: torch.Tensor):
         if x.shape[0]:
+            buf = self.grams[w.name]
             with self._timed():
-                self._accumulate(self.grams[w.name], x)
+                self._accumulate(buf, x.to(buf.device))
         self.tokens[w.name] += x.shape[0]
         if self.stop:
             self._pending.discard(w.name)
@@ -327,6 +336,16 @@ class GramCollector:
                 self._finish(buf)
 
 
+def device_room(device) -> float:
+    """Bytes the experts' Grams may take on `device`: half its free memory on CUDA (the rest
+    is the block, the activations and the solves), unbounded elsewhere (a CPU run's Grams are
+    on the host anyway)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return float("inf")
+    return torch.cuda.mem_get_info(device)[0] / 2
+
+
 ACCUMULATE = torch.float64  # the collectors' sums: independent of sample order (class docstring)
 _HALF = (torch.float16, torch.bfloat16)
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) exists (CUDA kernels)
@@ -348,6 +367,10 @@ class NormCollector(GramCollector):
     @staticmethod
     def _zeros(d_in: int, device) -> torch.Tensor:
         return torch.zeros(d_in, dtype=ACCUMULATE, device=device)
+
+    @staticmethod
+    def _size(d_in: int) -> int:
+        return d_in
 
     @staticmethod
     def _accumulate(buf: torch.Tensor, x: torch.Tensor):
