@@ -303,3 +303,41 @@ def test_moe_two_ranks_prune_what_one_process_prunes(corpus, tmp_path):
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     one, two = (json.loads((tmp_path / d / "report.json").read_text())["linears"] for d in ("one", "two"))
     assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
+
+
+def test_wanda_gets_column_norms_never_a_diagonal_matrix(corpus, monkeypatch):
+    """Issue #27 item 3: a norms-only method is handed diag(XtX) as a vector (prune_norms),
+    with the masks prune_shared gives on the diagonal matrix; with the finish (polish_iters)
+    it gets the full Gram, not a diagonal one."""
+    from admm_prune.gpu.engine import blocks
+    from admm_prune.gpu.solvers.prune import prune_norms, prune_shared
+
+    g = torch.Generator().manual_seed(0)
+    Ws = [torch.randn(24, 32, generator=g), torch.randn(8, 32, generator=g)]
+    norms = torch.rand(32, generator=g) + 0.1
+    cfg = pipeline.PruneConfig(method="wanda", sparsity=0.5)
+    for a, b in zip(prune_norms(Ws, norms, 0.5, cfg), prune_shared(Ws, torch.diag(norms), 0.5, method="wanda")):
+        assert torch.equal(a.W, b.W) and torch.equal(a.mask, b.mask)
+    grams, real = [], blocks.prune_shared
+    monkeypatch.setattr(blocks, "prune_shared", lambda Ws, XtX, *a, **k: grams.append(XtX) or real(Ws, XtX, *a, **k))
+    model, tok = models.tiny_model("llama")
+    report = pipeline.run_prune(_moe_cfg(corpus, method="wanda", layer_errors=False), model=model, tokenizer=tok)
+    assert grams == [] and report.summary()["mean_sparsity"] == pytest.approx(0.5, abs=0.01)
+    model, tok = models.tiny_model("llama")
+    pipeline.run_prune(_moe_cfg(corpus, method="wanda", layer_errors=False, polish_iters=2), model=model, tokenizer=tok)
+    assert grams and all(G.ndim == 2 and torch.count_nonzero(G - torch.diag(torch.diagonal(G))) > 0 for G in grams)
+
+
+def test_bench_refuses_windows_past_the_context_with_the_models_own_check(tmp_path, corpus, capsys):
+    """The seqlen check lives beside the value it reads (models.check_seqlen_fits); bench,
+    prune and eval all call it, each error naming the flag."""
+    model, tok = models.tiny_model("llama")  # 512 positions
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    code, _, err = _cli(["bench", "--model", str(tmp_path / "m"), "--calib", str(corpus / "calib.jsonl"),
+                         "--eval", str(corpus / "eval.txt"), "--seqlen", "64", "--eval-seqlen", "1024",
+                         "--device", "cpu", "--no-progress"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == ("admm-prune: error: --eval-seqlen 1024 exceeds the model's "
+                                                         "limit of 512 positions")
+    with pytest.raises(pipeline.PipelineError, match="^seqlen 600 exceeds the model's limit of 512 positions$"):
+        models.check_seqlen_fits(model, seqlen=600)

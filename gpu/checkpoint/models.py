@@ -231,6 +231,17 @@ def max_sequence_length(model):
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def check_seqlen_fits(model, **seqlens):
+    """Refuse window lengths beyond the model's context (`max_sequence_length`), each named by
+    its config field (``seqlen=4096``), which the CLI shows as its flag."""
+    from ..config import PipelineError
+
+    limit = max_sequence_length(model)
+    for name, value in seqlens.items():
+        if value is not None and limit is not None and value > limit:
+            raise PipelineError(f"{name} {value} exceeds the model's limit of {limit} positions", field=name)
+
+
 _TINY = {
     "llama": dict(intermediate_size=128, num_hidden_layers=2),
     "mistral": dict(intermediate_size=192, num_hidden_layers=3),

@@ -30,9 +30,8 @@ from ..solvers.checks import all_finite
 from ..config import PipelineError, PruneConfig
 from .context import RunContext
 from .distributed import Dist
-from ..evaluation.evaluate import check_seqlen_fits
 from ..solvers.owl import outlier_ratio
-from ..solvers.prune import prune_shared, prune_weights
+from ..solvers.prune import prune_norms, prune_shared, prune_weights
 from .report import NO_TIMER, LinearRecord, PhaseTimer
 from ..solvers.solve import reconstruction_errors
 from ..checkpoint.sources import as_source
@@ -51,8 +50,8 @@ def prune_group(block, block_idx: int, group: list[Weight], XtX: torch.Tensor | 
                 tokens: int | None = None) -> list[LinearRecord]:
     """Prune the weights of `group` (one shared input, one Gram; None for magnitude) in place
     to `sparsity` (the block's target: ``cfg.sparsity``, or OWL's for this block). A method
-    that needs only the column norms (Wanda) gets diag(XtX) as a vector, unless layer errors
-    or a callback asked for the full Gram. `tokens`: an expert's routed tokens; fewer than
+    that needs only the column norms (Wanda) gets diag(XtX) as a vector (`prune_norms`),
+    unless layer errors, the finish or a callback asked for the full Gram. `tokens`: an expert's routed tokens; fewer than
     ``cfg.moe_min_tokens`` and its Gram is replaced by I (magnitude pruning, whatever the
     method: `fallback` in its record)."""
     names = [w.name for w in group]
@@ -67,8 +66,10 @@ def prune_group(block, block_idx: int, group: list[Weight], XtX: torch.Tensor | 
             results = [prune_weights(W, sparsity, cfg) for W in dense]
         else:
             check_finite(XtX, f"block {block_idx} inputs of {names[0]} (Gram matrix)")
-            gram = torch.diag(XtX) if XtX.ndim == 1 else XtX
-            results = prune_shared(dense, gram, sparsity, **cfg.engine_solver_kwargs())
+            if XtX.ndim == 1:  # column norms only (Wanda): never a d_in x d_in diagonal matrix
+                results = prune_norms(dense, XtX, sparsity, cfg)
+            else:
+                results = prune_shared(dense, XtX, sparsity, **cfg.engine_solver_kwargs())
     seconds = (time.perf_counter() - t0) / len(names)
     records = []
     for w, W, res in zip(group, dense, results):
@@ -102,8 +103,8 @@ def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, sparsity: float |
         return [r for w in weights for r in prune_group(block, i, [w], None, cfg, sparsity, callback, timer)]
     with timer("forward"):
         groups = shared_input_groups(block, weights, inps[:1], kwargs, device, cfg.moe_calibration)
-    # Wanda's scores read only diag(XtX); the full Gram only for layer errors or a callback
-    full = needs == "gram" or cfg.measure_errors or callback is not None
+    # Wanda's scores read only diag(XtX); the full Gram only for layer errors, the finish or a callback
+    full = needs == "gram" or cfg.measure_errors or cfg.polish_iters > 0 or callback is not None
     collect = GramCollector if full else NormCollector
     records = []
     for stage in ([[g] for g in groups] if cfg.true_sequential else [groups]):
@@ -147,7 +148,7 @@ def check_model(model, cfg: PruneConfig):
     if cfg.num_blocks is not None and cfg.num_blocks > depth:
         raise PipelineError(f"num_blocks {cfg.num_blocks} exceeds the {depth} decoder blocks of the model",
                             field="num_blocks")
-    check_seqlen_fits(model, seqlen=cfg.seqlen, eval_seqlen=cfg.eval_seqlen)
+    models_mod.check_seqlen_fits(model, seqlen=cfg.seqlen, eval_seqlen=cfg.eval_seqlen)
     for i, block in enumerate(shape.layers):
         try:
             weights = prunable_weights(block, cfg.targets, cfg.ignore)

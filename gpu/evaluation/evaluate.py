@@ -93,14 +93,6 @@ def load_eval_windows(source: str, split: str, tokenizer, seqlen: int, max_windo
     return windows if max_windows is None else windows[:max_windows]
 
 
-def check_seqlen_fits(model, **seqlens):
-    """Refuse window lengths beyond the model's context (named by their config field)."""
-    limit = models_mod.max_sequence_length(model)
-    for name, value in seqlens.items():
-        if value is not None and limit is not None and value > limit:
-            raise PipelineError(f"{name} {value} exceeds the model's limit of {limit} positions")
-
-
 @torch.no_grad()
 def linear_sparsity(model, targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> float:
     """Fraction of exact zeros over the decoder blocks' prunable weights (model or block
@@ -177,7 +169,7 @@ def _evaluate(cfg: EvalConfig, name, model=None, tokenizer=None) -> dict:
     result = {"model": name or models_mod.DEFAULT_MODEL, "dtype": str(source.model.dtype).removeprefix("torch."),
               "linear_sparsity": linear_sparsity(source)}
     if cfg.eval is not None:
-        check_seqlen_fits(source.model, seqlen=cfg.seqlen)
+        models_mod.check_seqlen_fits(source.model, seqlen=cfg.seqlen)
         with naming("--eval", cfg.eval):
             windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.seqlen, cfg.eval_windows)
         result.update(eval=cfg.eval, windows=int(windows.shape[0]), seqlen=cfg.seqlen,
