@@ -341,3 +341,23 @@ def test_bench_refuses_windows_past_the_context_with_the_models_own_check(tmp_pa
                                                          "limit of 512 positions")
     with pytest.raises(pipeline.PipelineError, match="^seqlen 600 exceeds the model's limit of 512 positions$"):
         models.check_seqlen_fits(model, seqlen=600)
+
+
+def test_experts_grams_go_to_the_host_when_they_do_not_fit(monkeypatch):
+    """E x d^2 float64 sums per block: on a CUDA device with less room than they take, the
+    experts' Grams are kept on the host (the attention's stay on the device); a CPU run's
+    are where its device is. (The decision is tested here; no GPU in this project's CI.)"""
+    from admm_prune.gpu.engine import calibration
+
+    block = adapter(models.tiny_model("mixtral")[0]).layers[0]
+    weights = prunable_weights(block)
+    need = sum(w.in_features(block) ** 2 for w in weights if w.expert is not None) * 8
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(calibration, "device_room", lambda device: need - 1)
+    homes = calibration.GramCollector.homes(block, weights, cuda)
+    assert {str(homes[w.name]) for w in weights if w.expert is not None} == {"cpu"}
+    assert {str(homes[w.name]) for w in weights if w.expert is None} == {"cuda"}
+    monkeypatch.setattr(calibration, "device_room", lambda device: need)
+    assert set(map(str, calibration.GramCollector.homes(block, weights, cuda).values())) == {"cuda"}
+    monkeypatch.undo()
+    assert set(map(str, calibration.GramCollector.homes(block, weights, "cpu").values())) == {"cpu"}

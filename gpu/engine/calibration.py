@@ -254,15 +254,23 @@ class GramCollector:
         self.timer = timer
         self.stop = stop
         weights = as_weights(weights)
-        experts = [w for w in weights if w.expert is not None]
-        size = torch.empty((), dtype=ACCUMULATE).element_size()
-        offload = sum(self._size(w.in_features(block)) for w in experts) * size > device_room(device)
+        homes = self.homes(block, weights, device)
         for w in weights:
-            home = "cpu" if offload and w.expert is not None else device  # the experts' Grams, when they do not fit
-            self.grams[w.name] = self._zeros(w.in_features(block), home)
+            self.grams[w.name] = self._zeros(w.in_features(block), homes[w.name])
             self.tokens[w.name] = 0
         self._pending = set(self.grams)  # names not yet seen in this forward (stop=True)
         self.handles = hook_inputs(block, weights, self._feed, moe_calibration)
+
+    @classmethod
+    def homes(cls, block, weights: list[Weight], device) -> dict:
+        """Where each weight's sum lives: on `device`, except the experts' when together they
+        exceed `device_room` (E x d^2 float64 entries per block): then on the host, each moved
+        to the device only for its own solve."""
+        experts = [w for w in weights if w.expert is not None]
+        nbytes = sum(cls._size(w.in_features(block)) for w in experts) * torch.finfo(ACCUMULATE).bits // 8
+        offload = bool(experts) and nbytes > device_room(device)
+        return {w.name: torch.device("cpu") if offload and w.expert is not None else torch.device(device)
+                for w in weights}
 
     @staticmethod
     def _zeros(d_in: int, device) -> torch.Tensor:
