@@ -128,8 +128,9 @@ class EngineOptions(Options):
     take them from the bench (`BenchConfig` extends it too)."""
 
     targets: tuple[str, ...] = option((), "prune only the linears of each decoder layer whose name in the layer "
-                                          "(self_attn.q_proj, mlp.down_proj, ...) a regular expression finds "
-                                          "(re.search), comma-separated (default: every linear)",
+                                          "(self_attn.q_proj, mlp.down_proj, an expert's mlp.experts.3.down_proj, "
+                                          "...) a regular expression finds (re.search), comma-separated (default: "
+                                          "every linear but routers, and every expert)",
                                       metavar="REGEX,...")
     ignore: tuple[str, ...] = option((), "leave dense the linears whose name one of these regular expressions "
                                          "finds, comma-separated (e.g. o_proj,down_proj)", metavar="REGEX,...")

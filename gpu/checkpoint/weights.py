@@ -20,7 +20,9 @@ The inputs of the experts are seen by one forward pre-hook on the experts module
 (`experts_inputs`), which computes, per expert, the tokens the router sends to it ("routed"),
 the same weighted by the router's weight ("weighted": Gram sum_t w_t x_t x_t^T), or every
 token ("all", llm-compressor's ``moe_calibrate_all_experts``); down_proj's input is
-act(x gate^T) * (x up^T) of those tokens with the expert's current weights.
+act(x gate^T) * (x up^T) of those tokens with the expert's current weights. Llama 4 multiplies
+the router's score into its experts' input: there "routed" is what each expert receives (the
+score-weighted tokens, so "weighted" is the same) and "all" every token before the scaling.
 """
 
 from __future__ import annotations
