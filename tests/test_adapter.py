@@ -161,18 +161,21 @@ def test_mixtral_weights_routers_dense_and_experts_by_name():
     assert w.matrix(block).shape == (64, 128) and w.matrix(block).data_ptr() == block.mlp.experts.down_proj[2].data_ptr()
 
 
-MOE = ["mixtral", "qwen3_moe", "olmoe", "llama4_text"]
+MOE = ["mixtral", "qwen3_moe", "olmoe", "llama4_text", "deepseek_v3"]
 
 
-@pytest.mark.parametrize("arch, mode", [(a, "routed") for a in MOE] + [("mixtral", "all"), ("llama4_text", "all"),
-                                                                     ("qwen3_moe", "weighted")])
-def test_moe_pruned_through_the_cli_in_its_own_layout(corpus, tmp_path, capsys, arch, mode):
+@pytest.mark.parametrize("arch, mode, packed", [(a, "routed", False) for a in MOE] + [
+    ("mixtral", "all", False), ("llama4_text", "all", False), ("qwen3_moe", "weighted", False),
+    ("mixtral", "routed", True), ("deepseek_v3", "routed", True)])
+def test_moe_pruned_through_the_cli_in_its_own_layout(corpus, tmp_path, capsys, arch, mode, packed):
     """Saved names equal the input's (Mixtral's per-expert w1/w2/w3, Qwen3-MoE's and OLMoE's
     per-expert gate/up/down on disk, Llama 4's packed ones), every expert matrix and every
     linear 50 % zeros, routers (and everything else) untouched, reloaded by transformers and
-    generating; streamed equals in memory; the report lists each expert's tokens."""
+    generating; streamed equals in memory; the report lists each expert's tokens. `packed`: a
+    checkpoint saved with the in-memory names (save_original_format=False) keeps them; a dense
+    first block (DeepSeek-V3) does not mislead the layout's detection."""
     model, tok = models.tiny_model(arch)
-    model.save_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "m", save_original_format=not packed)
     tok.save_pretrained(tmp_path / "m")
     code, _, err = _cli(["prune", "--model", str(tmp_path / "m"), "--calib", str(corpus / "calib.jsonl"),
                          "--nsamples", "4", "--seqlen", "32", "--iters", "4", "--mask-steps", "2", "--eval", "none",

@@ -151,11 +151,18 @@ class ModelAdapter:
         return tie
 
     # --- the checkpoint layout -----------------------------------------------------------
-    def use_layout_of(self, block_keys: list[str], i: int, block) -> None:
-        """Read `block_keys` (block i's keys in a checkpoint) to learn its layout: the
-        in-memory names ("memory") or transformers' original ones ("original", the default)."""
-        memory = {self.block_prefix(i) + k for k in block.state_dict()}
-        self.disk_layout = "memory" if set(block_keys) == memory else "original"
+    def use_layout_of(self, keys) -> None:
+        """Learn from a checkpoint's `keys` which names it stores its blocks under: transformers'
+        original ones ("original", the default: what ``save_pretrained`` writes) or the in-memory
+        ones ("memory": saved with ``save_original_format=False``), from the first block whose
+        two sets of names differ (a dense block of Llama 4 or DeepSeek-V3 says nothing)."""
+        keys = set(keys)
+        for i, block in enumerate(self.layers):
+            memory = {self.block_prefix(i) + k: v for k, v in block.state_dict().items()}
+            self.disk_layout = "original"
+            if set(self.to_disk(memory)) != set(memory):
+                self.disk_layout = "memory" if set(memory) <= keys else "original"
+                return
 
     def to_disk(self, tensors: dict) -> dict:
         """In-memory names and tensors (full keys) in the checkpoint's layout."""

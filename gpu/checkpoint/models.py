@@ -256,6 +256,10 @@ _TINY = {
     "olmoe": dict(intermediate_size=32, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2),
     "llama4_text": dict(intermediate_size=32, intermediate_size_mlp=128, num_hidden_layers=2, head_dim=16,
                         num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2),  # dense, MoE
+    "deepseek_v3": dict(intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, num_key_value_heads=4,
+                        first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                        n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16),  # MLA attention, a dense block, shared experts
     "gpt_oss": dict(intermediate_size=64, num_hidden_layers=2, head_dim=16, num_local_experts=4,
                     num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
                     rope_parameters=dict(rope_type="default", rope_theta=150000.0)),  # experts with biases
@@ -264,7 +268,7 @@ _TINY = {
 
 def tiny_model(arch="llama", seed=0, **overrides):
     """A small random-init model of `arch` (a key of `_TINY`: "llama", "mistral", "qwen2",
-    "qwen3", "gemma2", "phi3", "mixtral", "qwen3_moe", "olmoe", "llama4_text", "gpt_oss") and a
+    "qwen3", "gemma2", "phi3", "mixtral", "qwen3_moe", "olmoe", "llama4_text", "deepseek_v3", "gpt_oss") and a
     byte-level tokenizer.
 
     Hidden 64, 4 heads / 2 KV heads (GQA), vocab = the tokenizer's 259 tokens; `overrides`

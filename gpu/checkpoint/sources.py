@@ -130,7 +130,7 @@ class StreamedModel:
         rest = [k for k in self.checkpoint.weight_map if not shape.is_block_key(k)]
         model.load_state_dict(shape.to_memory(self.checkpoint.read(rest, dtype)), strict=False, assign=True)
         shape.tie_unless_stored(self.checkpoint.weight_map)
-        shape.use_layout_of(self.checkpoint.keys_under(shape.block_prefix(0)), 0, shape.layers[0])
+        shape.use_layout_of(self.checkpoint.weight_map)
         missing = [n for n, p in model.named_parameters() if p.is_meta and not shape.is_block_key(n)]
         for i, layer in enumerate(shape.layers):  # found now, not at block i
             expected = shape.to_disk({shape.block_prefix(i) + k: v for k, v in layer.state_dict().items()})
