@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import re
 import weakref
 
@@ -26,6 +27,8 @@ from torch import nn
 
 from .models import ModelError
 from .weights import Weight, prunable_weights
+
+log = logging.getLogger(__name__)
 
 _FALLBACK = ("model", "layers")  # the Llama path, where _no_split_modules names no block list
 _ADAPTERS: "weakref.WeakKeyDictionary[nn.Module, ModelAdapter]" = weakref.WeakKeyDictionary()
@@ -75,9 +78,7 @@ class ModelAdapter:
         unused = sorted(k for k in keys if (b := self.block_index(k)) is not None and b >= n)
         if unused:
             blocks = len({self.block_index(k) for k in unused})
-            import logging
-
-            logging.getLogger(__name__).warning(
+            log.warning(
                 "%s: %d tensors of %d block%s (%s%d and up) are not used: the config says num_hidden_layers=%d",
                 where or "checkpoint", len(unused), blocks, "s" * (blocks != 1), self.block_prefix(""), n, n)
         return unused
