@@ -358,3 +358,30 @@ def test_experts_grams_go_to_the_host_when_they_do_not_fit(monkeypatch):
     assert set(map(str, calibration.GramCollector.homes(block, weights, cuda).values())) == {"cuda"}
     monkeypatch.undo()
     assert set(map(str, calibration.GramCollector.homes(block, weights, "cpu").values())) == {"cpu"}
+
+
+@pytest.mark.parametrize("mode", ["routed", "weighted", "all"])
+def test_experts_inputs_are_the_routed_tokens_by_hand(mode):
+    """Expert e's gate_up input: the tokens routed to it (all tokens with "all"); its down_proj
+    input: act(x gate^T) * (x up^T) of the same tokens; "weighted" scales both rows by
+    sqrt(router weight), so the Grams are sum_t w_t x_t x_t^T."""
+    from admm_prune.gpu.checkpoint.weights import experts_inputs
+
+    model, _ = models.tiny_model("mixtral")
+    moe = adapter(model).layers[0].mlp
+    x = torch.randn(10, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, top_w, top_i = moe.gate(x)
+    weights = prunable_weights(adapter(model).layers[0], targets=("experts",))
+    got = {w.name: t for w, t in experts_inputs(moe.experts, (x, top_i, top_w), {}, weights, mode)}
+    I = model.config.intermediate_size
+    for e in range(4):
+        rows = (top_i == e).any(-1) if mode != "all" else torch.ones(10, dtype=torch.bool)
+        xe = x[rows]
+        gu = moe.experts.gate_up_proj[e].detach()
+        he = torch.nn.functional.silu(xe @ gu[:I].T) * (xe @ gu[I:].T)
+        if mode == "weighted":
+            s = (top_w * (top_i == e)).sum(-1)[rows].sqrt()[:, None]
+            xe, he = xe * s, he * s
+        torch.testing.assert_close(got[f"mlp.experts.{e}.gate_up_proj"], xe)
+        torch.testing.assert_close(got[f"mlp.experts.{e}.down_proj"], he)

@@ -197,11 +197,12 @@ def experts_inputs(module, args, kwargs, weights: list[Weight], mode: str, unsca
             hit = given["top_k_index"].eq(e)
             rows = hit.any(-1)
             x = hidden if mode == "all" else hidden[rows]
-            if mode == "weighted":
-                x = x * (given["top_k_weights"] * hit).sum(-1)[rows].sqrt().unsqueeze(-1).to(x.dtype)
         gate_up = module.gate_up_proj[e]
         gate, up = (x @ gate_up if prerouted else x @ gate_up.T).chunk(2, dim=-1)
         h = module.act_fn(gate) * up
+        if mode == "weighted" and not prerouted:  # sqrt(w_t) on each row: Grams sum_t w_t x_t x_t^T
+            scale = (given["top_k_weights"] * hit).sum(-1)[rows].sqrt().unsqueeze(-1)
+            x, h = x * scale.to(x.dtype), h * scale.to(h.dtype)
         for w in weights:
             if w.expert == e:
                 yield w, (x if w.param == "gate_up_proj" else h)
