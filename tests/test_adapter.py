@@ -385,3 +385,14 @@ def test_experts_inputs_are_the_routed_tokens_by_hand(mode):
             xe, he = xe * s, he * s
         torch.testing.assert_close(got[f"mlp.experts.{e}.gate_up_proj"], xe)
         torch.testing.assert_close(got[f"mlp.experts.{e}.down_proj"], he)
+
+
+def test_a_head_without_logits_is_refused_in_one_line(monkeypatch):
+    from types import SimpleNamespace
+
+    model, _ = models.tiny_model("llama")
+    shape = adapter(model)
+    monkeypatch.setattr(model, "forward", lambda **kwargs: SimpleNamespace(last_hidden_state=None))
+    with pytest.raises(models.ModelError, match="^LlamaForCausalLM: its forward returns no logits per token; its head "
+                                                "is not one this version can evaluate$"):
+        shape.logits(torch.zeros(1, 4, 64), torch.zeros(1, 4, dtype=torch.long))

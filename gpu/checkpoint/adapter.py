@@ -197,11 +197,15 @@ class ModelAdapter:
 
 def _find_layers(model) -> tuple[str, nn.ModuleList]:
     """(path, list) of the decoder blocks: the longest ModuleList of `_no_split_modules`
-    classes, else ``model.layers``."""
+    classes inside the model's decoder (``get_decoder()``: not a vision tower's), else
+    ``model.layers``."""
     classes = set(getattr(model, "_no_split_modules", None) or ())
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    inside = {id(m) for m in decoder.modules()} if isinstance(decoder, nn.Module) else None
     best = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(type(m).__name__ in classes for m in module):
+        if isinstance(module, nn.ModuleList) and len(module) and all(type(m).__name__ in classes for m in module) \
+                and (inside is None or id(module) in inside):
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
     if best is None:
