@@ -21,6 +21,7 @@ from admm_prune.reference.options import Options, SolverOptions, option
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MATMUL_PRECISIONS = ("high", "highest")  # torch's names: TF32 allowed, IEEE float32
+MOE_CALIBRATION = ("routed", "weighted", "all")  # the experts' Grams (checkpoint/weights.py)
 MIN_SEQLEN = 2  # one rule for calibration and evaluation windows: a next-token loss needs two
 MAX_SEED = 2**32 - 1  # numpy's range; the reconstruction seeds torch with seed * 1_000_003 + block
 
@@ -127,14 +128,21 @@ class EngineOptions(Options):
     take them from the bench (`BenchConfig` extends it too)."""
 
     targets: tuple[str, ...] = option((), "prune only the linears of each decoder layer whose name in the layer "
-                                          "(self_attn.q_proj, mlp.down_proj, ...) a regular expression finds "
-                                          "(re.search), comma-separated (default: every linear)",
+                                          "(self_attn.q_proj, mlp.down_proj, an expert's mlp.experts.3.down_proj, "
+                                          "...) a regular expression finds (re.search), comma-separated (default: "
+                                          "every linear but routers, and every expert)",
                                       metavar="REGEX,...")
     ignore: tuple[str, ...] = option((), "leave dense the linears whose name one of these regular expressions "
                                          "finds, comma-separated (e.g. o_proj,down_proj)", metavar="REGEX,...")
     true_sequential: bool = option(False, "collect each group's inputs after the groups before it in the "
                                           "block are pruned (o_proj/down_proj see pruned q/k/v, gate/up)")
     num_blocks: int | None = option(None, "prune only the first K blocks (default: all)")
+    moe_calibration: str = option("routed", "mixture-of-experts: each expert's Gram from the tokens the router "
+                                            "sends to it ('routed'), the same weighted by the router's weight "
+                                            "('weighted'), or every token through every expert ('all', "
+                                            "llm-compressor's default)", choices=MOE_CALIBRATION)
+    moe_min_tokens: int = option(1, "mixture-of-experts: an expert that saw fewer calibration tokens is pruned "
+                                    "by magnitude (its Gram replaced by I), and the report says so")
     matmul_precision: str = option("high", "float32 matrix products of the solves (ADMM, SparseGPT, the finish) "
                                            "on CUDA: 'high' lets them use TF32 (faster, ~1e-3 relative per "
                                            "product), 'highest' keeps IEEE float32; Gram sums stay float64 "
@@ -143,6 +151,10 @@ class EngineOptions(Options):
     def __post_init__(self):
         super().__post_init__()
         positive_int("num_blocks", self.num_blocks, optional=True)
+        positive_int("moe_min_tokens", self.moe_min_tokens)
+        if self.moe_calibration not in MOE_CALIBRATION:
+            raise PipelineError(f"moe_calibration must be one of {', '.join(MOE_CALIBRATION)}, got "
+                                f"{self.moe_calibration!r}", field="moe_calibration")
         if self.matmul_precision not in MATMUL_PRECISIONS:
             raise PipelineError(f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got "
                                 f"{self.matmul_precision!r}", field="matmul_precision")
@@ -210,6 +222,8 @@ class PruneConfig(EngineOptions, ReconstructOptions, SolverOptions, CalibOptions
         keep += ["calib", "nsamples", "seqlen", "seed", "dtype", "true_sequential", "num_blocks",
                  "matmul_precision"]
         keep += [k for k in ("targets", "ignore") if getattr(self, k)]  # set only when used: older folders resume
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}  # MoE fields: only when not the default
+        keep += [k for k in ("moe_calibration", "moe_min_tokens") if getattr(self, k) != defaults[k]]
         if self.reconstruct_steps:
             keep += [f.name for f in dataclasses.fields(ReconstructOptions)]
         owl = ["owl_m", "owl_lambda"] if self.sparsity_profile == "owl" else []

@@ -167,13 +167,18 @@ def test_resume_refuses_other_targets():
     assert pipeline.PruneConfig(ignore=("mlp",)).fingerprint() != base
 
 
-def test_mixtral_is_refused_in_one_line_naming_its_experts(corpus, tmp_path, capsys):
-    ck = _save(tmp_path, "mixtral")
+def test_unknown_experts_are_refused_by_prune_in_one_line_and_evaluated(corpus, tmp_path, capsys):
+    """gpt-oss keeps biases beside its packed experts, a layout this version does not prune:
+    prune names the module in one line before any work; eval, which prunes nothing, runs."""
+    ck = _save(tmp_path, "gpt_oss")
     code, err = _cli(_args(corpus, ck, tmp_path / "out"), capsys)
     assert code == 2 and err.count("\n") == 1, err
-    assert err.startswith("admm-prune: error: MixtralForCausalLM: model.model.layers[0]: mlp.experts (MixtralExperts) "
-                          "stores gate_up_proj as a 3-D parameter [4, 256, 64] (mixture-of-experts experts)"), err
+    assert err.startswith("admm-prune: error: GptOssForCausalLM: model.layers.0.mlp.experts: GptOssExperts stores "
+                          "gate_up_proj, down_proj as 3-D parameters [4, 64, 128]"), err
     assert not (tmp_path / "out").exists()
+    code, err = _cli(["eval", "--model", str(ck), "--eval", str(corpus / "eval.txt"), "--seqlen", "32",
+                      "--eval-windows", "2", "--device", "cpu", "--no-progress"], capsys)
+    assert code == 0, err
 
 
 @pytest.mark.parametrize("arch, overrides", [

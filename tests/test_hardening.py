@@ -218,8 +218,10 @@ def test_cli_eval_refuses_a_tokenizer_larger_than_the_embedding(small_vocab_dir,
 def test_unused_block_keys():
     keys = ["model.embed_tokens.weight", "model.layers.0.a", "model.layers.1.a", "model.layers.1.b",
             "model.layers.10.a", "model.layers.2.a", "lm_head.weight"]
-    assert models.unused_block_keys(keys, 2) == ["model.layers.10.a", "model.layers.2.a"]
-    assert models.unused_block_keys(keys, 11) == []
+    from admm_prune.gpu.checkpoint.adapter import adapter
+
+    assert adapter(models.tiny_model("llama")[0]).unused_block_keys(keys) == ["model.layers.10.a", "model.layers.2.a"]
+    assert adapter(models.tiny_model("llama", num_hidden_layers=11)[0]).unused_block_keys(keys) == []
 
 
 def test_streamed_model_warns_about_blocks_the_config_leaves_out(tmp_path, caplog):

@@ -9,6 +9,7 @@ import dataclasses
 import importlib
 import inspect
 import pkgutil
+import re
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,15 @@ def test_a_registered_method_needs_one_file_and_one_line(tmp_path, monkeypatch):
     (res,) = prune_shared([W], X.T @ X, 0.5, **cfg.solver_kwargs())
     assert int(res.mask.sum()) == 16 and torch.equal(res.W, W * res.mask)
     assert "toy" in cli.build_parser().parse_args(["prune", "--method", "toy"]).method
+
+
+LAYOUT_SPELLINGS = re.compile(r"model\\?\.layers|model\\?\.norm|lm_head|embed_tokens")
+
+
+def test_at_most_one_engine_file_spells_the_models_layout():
+    """Issue #27: the model adapter (gpu/checkpoint/adapter.py) owns every fact about a model's
+    shape; no other engine file spells Llama's paths (``model.layers``, ``model.norm``,
+    ``lm_head``, ``embed_tokens``), in code, comments or docstrings."""
+    spelled = {str(p.relative_to(ROOT)): sorted(set(LAYOUT_SPELLINGS.findall(p.read_text())))
+               for p in sorted((ROOT / "gpu").rglob("*.py")) if LAYOUT_SPELLINGS.search(p.read_text())}
+    assert len(spelled) <= 1, spelled

@@ -322,7 +322,7 @@ BAD_CLI = [
     (["--calib", "SHORT", "--seqlen", "400"], "calib"),
     (["--model", "/nonexistent/model-dir"], "model-dir"),
     (["--model", "someone/not-a-real-model"], "someone/not-a-real-model"),
-    (["--model", "GPT2"], "model.model.layers"),
+    (["--model", "GPT2"], "GPT2Block holds no nn.Linear to prune"),  # found by class; Conv1D, no linear
     (["--out", "EXISTING"], "already exists"),
     (["--out", "FILE/pruned"], "is a file, not a folder"),
     (["--out", ".", "--overwrite"], "current folder"),

@@ -353,7 +353,7 @@ def test_block_sources_share_one_protocol(tmp_path):
     staging = Staging(tmp_path / "out")
     staging.start({}, resume=False)
     with streamed.block(0) as block:
-        zeros = {k: torch.zeros_like(v) for k, v in block_state_dict(block, 0).items()}
+        zeros = {k: torch.zeros_like(v) for k, v in block_state_dict(streamed.model, block, 0).items()}
     staging.write_block(0, zeros, {})
     staged = StagedBlocks(streamed, staging)
     for source in (streamed, InMemoryModel(model), staged):

@@ -245,10 +245,7 @@ def _bench(cfg: BenchConfig, model, tokenizer) -> dict:
     if model is None:
         model, tokenizer, _ = models_mod.load_model(cfg.model, dtype=DTYPES.get(cfg.dtype), cache_dir=cfg.cache_dir)
     model.eval()
-    limit = models_mod.max_sequence_length(model)
-    for flag, value in (("--seqlen", cfg.seqlen), ("--eval-seqlen", cfg.eval_seqlen)):
-        if limit is not None and value > limit:
-            raise PipelineError(f"{flag} {value} exceeds the model's limit of {limit} positions")
+    models_mod.check_seqlen_fits(model, seqlen=cfg.seqlen, eval_seqlen=cfg.eval_seqlen)
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     texts = data_mod.load_texts(cfg.calib, split="train")
     tokens = data_mod.TokenCache(texts, tokenizer, cfg.seqlen)  # tokenized once, for every seed

@@ -1,6 +1,6 @@
 """Peer implementations the bench runs on the same windows: llm-compressor's SparseGPT and Wanda
 (vllm-project/llm-compressor's ``oneshot`` with ``SparseGPTModifier``/``WandaPruningModifier``),
-targeting the same seven linears per block as ours, lm_head excluded."""
+targeting the same seven linears per block as ours, the output head excluded."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from admm_prune.reference import parse_pattern
 
 PEERS = ("llmcompressor",)
 PEER_METHODS = ("sparsegpt", "wanda")
-# llm-compressor targets: the same seven linears per block as ours, lm_head excluded
+# llm-compressor targets: the same seven linears per block as ours, the output head excluded
 PEER_TARGETS = [r"re:.*self_attn\.(q|k|v|o)_proj$", r"re:.*mlp\.(gate|up|down)_proj$"]
 
 

@@ -13,7 +13,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -184,44 +183,34 @@ def load_model(name_or_path=None, dtype=None, device=None, cache_dir=None):
 
 
 def decoder_layers(model):
-    """``model.model.layers``, after checking that every block holds an nn.Linear and no
-    parameter `prunable_linears` refuses."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ModelError(
-            f"model.model.layers not found on {type(model).__name__}; "
-            f"expected a decoder-only causal LM (Llama, Mistral, Qwen2/3, Gemma-2, Phi-3, ...)"
-        )
-    for i, block in enumerate(layers):
-        try:
-            if not prunable_linears(block):
-                raise ModelError(f"{type(block).__name__} holds no nn.Linear to prune")
-        except ModelError as error:
-            raise ModelError(f"{type(model).__name__}: model.model.layers[{i}]: {error}") from None
-    return layers
+    """The model's decoder blocks (`adapter.ModelAdapter.layers`), after checking that each
+    holds something to prune (an nn.Linear or mixture-of-experts experts). Nothing else about
+    pruning is checked here: evaluation reads any block."""
+    from .adapter import adapter
+
+    found = adapter(model)
+    for i, block in enumerate(found.layers):
+        if not any(isinstance(m, nn.Linear) or any(p.ndim >= 3 for p in m.parameters(recurse=False))
+                   for m in block.modules()):
+            raise ModelError(f"{type(model).__name__}: {found.block_prefix(i)[:-1]}: {type(block).__name__} holds "
+                             f"no nn.Linear to prune")
+    return found.layers
 
 
 def prunable_linears(block, targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> list[str]:
-    """The block's ``nn.Linear`` modules to prune, by name relative to the block (what
-    ``block.get_submodule`` takes: ``self_attn.q_proj``, ``mlp.gate_up_proj``), in module order.
+    """The names of the block's weights to prune (`weights.prunable_weights`), relative to the
+    block, in module order: each nn.Linear by its module name (``self_attn.q_proj``; routers of
+    experts excepted), each expert's slice of a packed parameter as ``mlp.experts.3.down_proj``.
 
-    A linear is pruned when ``re.search`` finds one of `targets` in its name (no targets:
-    every linear) and none of `ignore`, as llm-compressor's ``targets``/``ignore`` choose
-    modules. Found by type, so fused linears (Phi-3's ``qkv_proj``) are one linear, and
-    modules that are no nn.Linear (Mixtral's router ``mlp.gate``) stay dense. A parameter of
-    three or more dimensions (mixture-of-experts experts stored as 3-D tensors, transformers 5's
-    Mixtral) is refused with a ModelError naming its module: most of such a block's weights
-    would silently stay dense.
+    A weight is pruned when ``re.search`` finds one of `targets` in its name (no targets:
+    every one) and none of `ignore`, as llm-compressor's ``targets``/``ignore`` choose
+    modules. Found by type, so fused linears (Phi-3's ``qkv_proj``) are one linear. A 3-D
+    parameter in a layout `weights.experts_kind` does not know is refused with a ModelError
+    naming its module.
     """
-    for name, module in block.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if p.ndim >= 3:
-                raise ModelError(
-                    f"{name} ({type(module).__name__}) stores {pname} as a {p.ndim}-D parameter "
-                    f"{list(p.shape)} (mixture-of-experts experts); only nn.Linear weights can be pruned")
-    return [name for name, module in block.named_modules() if isinstance(module, nn.Linear)
-            and (not targets or any(re.search(t, name) for t in targets))
-            and not any(re.search(t, name) for t in ignore)]
+    from .weights import prunable_weights
+
+    return [w.name for w in prunable_weights(block, targets, ignore)]
 
 
 def check_tokenizer_fits(model, tokenizer):
@@ -237,24 +226,20 @@ def check_tokenizer_fits(model, tokenizer):
                          f"looked up; use the tokenizer saved with the model")
 
 
-def unused_block_keys(keys, num_layers, where=None):
-    """The checkpoint keys of decoder blocks ``model.layers.K.*`` with K >= `num_layers` (a config
-    that says fewer layers than the weights hold); logs a warning naming them, about `where`."""
-    unused = sorted(k for k in keys if (m := _BLOCK_KEY.match(k)) and int(m[1]) >= num_layers)
-    if unused:
-        blocks = len({_BLOCK_KEY.match(k)[1] for k in unused})
-        logger.warning("%s: %d tensors of %d block%s (model.layers.%d and up) are not used: the config says "
-                       "num_hidden_layers=%d", where or "checkpoint", len(unused), blocks, "s" * (blocks != 1),
-                       num_layers, num_layers)
-    return unused
-
-
-_BLOCK_KEY = re.compile(r"model\.layers\.(\d+)\.")
-
-
 def max_sequence_length(model):
     """The model's context length (config ``max_position_embeddings``), or None if not given."""
     return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_seqlen_fits(model, **seqlens):
+    """Refuse window lengths beyond the model's context (`max_sequence_length`), each named by
+    its config field (``seqlen=4096``), which the CLI shows as its flag."""
+    from ..config import PipelineError
+
+    limit = max_sequence_length(model)
+    for name, value in seqlens.items():
+        if value is not None and limit is not None and value > limit:
+            raise PipelineError(f"{name} {value} exceeds the model's limit of {limit} positions", field=name)
 
 
 _TINY = {
@@ -266,12 +251,25 @@ _TINY = {
     "phi3": dict(intermediate_size=128, num_hidden_layers=2),  # fused qkv_proj and gate_up_proj
     "mixtral": dict(intermediate_size=128, num_hidden_layers=2, num_local_experts=4,
                     num_experts_per_tok=2),  # experts as 3-D parameters, a router mlp.gate
+    "qwen3_moe": dict(intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, head_dim=16,
+                      num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),  # q/k norms, no shared expert
+    "olmoe": dict(intermediate_size=32, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2),
+    "llama4_text": dict(intermediate_size=32, intermediate_size_mlp=128, num_hidden_layers=2, head_dim=16,
+                        num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2),  # dense, MoE
+    "deepseek_v3": dict(intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, num_key_value_heads=4,
+                        first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                        n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16),  # MLA attention, a dense block, shared experts
+    "gpt_oss": dict(intermediate_size=64, num_hidden_layers=2, head_dim=16, num_local_experts=4,
+                    num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+                    rope_parameters=dict(rope_type="default", rope_theta=150000.0)),  # experts with biases
 }
 
 
 def tiny_model(arch="llama", seed=0, **overrides):
     """A small random-init model of `arch` (a key of `_TINY`: "llama", "mistral", "qwen2",
-    "qwen3", "gemma2", "phi3", "mixtral") and a byte-level tokenizer.
+    "qwen3", "gemma2", "phi3", "mixtral", "qwen3_moe", "olmoe", "llama4_text", "deepseek_v3", "gpt_oss") and a
+    byte-level tokenizer.
 
     Hidden 64, 4 heads / 2 KV heads (GQA), vocab = the tokenizer's 259 tokens; `overrides`
     replace config fields. Built offline in well under a second; the global RNG is left as is.

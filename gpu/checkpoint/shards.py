@@ -2,9 +2,8 @@
 them, and the NaN/Inf scan of every stored weight before a run starts.
 
 A checkpoint is ``model.safetensors`` alone, or shards named by
-``model.safetensors.index.json``. Tensor names follow ``save_pretrained``: decoder block i's
-tensors start with ``model.layers.<i>.`` (`block_prefix`), everything else is "the rest"
-(embeddings, final norm, lm_head).
+``model.safetensors.index.json``. Tensor names follow ``save_pretrained``; which of them belong
+to decoder block i (a key prefix) is the model adapter's to say (`adapter.ModelAdapter`).
 """
 
 from __future__ import annotations
@@ -25,14 +24,6 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SAMPLES, SAMPLE_BYTES = 64, 1 << 16  # what `content_digest` reads of each shard: 64 x 64 KiB
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def block_prefix(i: int) -> str:
-    return f"model.layers.{i}."
-
-
-def is_block_key(key: str) -> bool:
-    return key.startswith("model.layers.")
 
 
 class Checkpoint:
@@ -65,8 +56,9 @@ class Checkpoint:
         """{file: `content_digest`} of every shard: the checkpoint's content for the resume manifest."""
         return {p.name: content_digest(p) for p in self.files()}
 
-    def block_keys(self, i: int) -> list[str]:
-        return [k for k in self.weight_map if k.startswith(block_prefix(i))]
+    def keys_under(self, prefix: str) -> list[str]:
+        """The keys starting with `prefix` (a block's: `adapter.ModelAdapter.block_prefix`)."""
+        return [k for k in self.weight_map if k.startswith(prefix)]
 
     def read(self, keys, dtype) -> dict[str, torch.Tensor]:
         """The tensors `keys` (floating ones cast to `dtype`), each shard opened and closed here."""

@@ -5,7 +5,7 @@ Everything that walks the blocks (the pruning loop, perplexity, the sparsity cou
 `BlockSource`, or a model in memory that `as_source` wraps. `StreamedModel` builds the model
 skeleton on the meta device (accelerate's `init_empty_weights`: parameters allocate nothing,
 buffers such as the rotary frequencies are real), loads the tensors outside the decoder
-blocks once (embeddings, final norm, lm_head; tied embeddings stay tied), and materializes
+blocks once (embeddings, final norm, head; tied as the checkpoint says), and materializes
 decoder block i from the shards only inside ``with source.block(i)``; on exit the block goes
 back to the meta device and the shard files are closed, so host memory holds one block at a
 time whatever the depth. `InMemoryModel` gives the same interface over a model already in
@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, ContextManager, Protocol, runtime_checkable
 import torch
 
 from ..solvers.checks import all_finite
-from .models import ModelError, decoder_layers, unused_block_keys
-from .shards import Checkpoint, block_prefix, is_block_key
+from .adapter import adapter
+from .models import ModelError, decoder_layers
+from .shards import Checkpoint
 
 if TYPE_CHECKING:
     from .staging import Staging
@@ -56,31 +57,26 @@ def as_source(model_or_source) -> BlockSource:
 
 def rest_state_dict(model) -> dict[str, torch.Tensor]:
     """The tensors outside the decoder blocks, as ``save_pretrained`` writes them (a tied
-    lm_head is written once, under the embedding's name)."""
-    out, seen = {}, set()
+    output embedding is written once, under the input embedding's name)."""
+    out, seen, shape = {}, set(), adapter(model)
     for k, v in model.state_dict().items():
-        if is_block_key(k):
+        if shape.is_block_key(k):
             continue
         ptr = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
         if ptr in seen:
             continue
         seen.add(ptr)
         out[k] = v.detach().to("cpu").contiguous()
-    return out
+    return shape.to_disk(out)
 
 
-def block_state_dict(block, i: int) -> dict[str, torch.Tensor]:
-    """Block i's tensors under their checkpoint names, on the CPU."""
-    return {block_prefix(i) + k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-
-
-def _relative(tensors: dict, i: int) -> dict:
-    p = block_prefix(i)
-    return {k[len(p):]: v for k, v in tensors.items()}
+def block_state_dict(model, block, i: int) -> dict[str, torch.Tensor]:
+    """Block i of `model` (its tensors in `block`) under its checkpoint names, on the CPU."""
+    return adapter(model).block_state_dict(block, i)
 
 
 class InMemoryModel:
-    """A model already in memory, as a block source: ``block(i)`` is ``model.model.layers[i]``.
+    """A model already in memory, as a block source: ``block(i)`` is its decoder block i.
 
     Pruning changes the model in place (what Python callers expect)."""
 
@@ -89,14 +85,15 @@ class InMemoryModel:
     def __init__(self, model):
         decoder_layers(model)
         self.model = model
-        self.num_blocks = len(model.model.layers)
+        self.num_blocks = adapter(model).num_blocks
 
     @contextlib.contextmanager
     def block(self, i: int, tensors: dict | None = None):
-        layer = self.model.model.layers[i]
+        shape = adapter(self.model)
+        layer = shape.layers[i]
         if tensors is not None:  # a finished block of an interrupted run
             with torch.no_grad():
-                layer.load_state_dict(_relative(tensors, i))
+                shape.load_block(layer, i, tensors)
         yield layer
 
     def check_finite(self):
@@ -128,28 +125,31 @@ class StreamedModel:
         except (OSError, ValueError) as e:
             raise ModelError(f"could not build a causal LM from {path}: {e}") from None
         decoder_layers(model)
-        unused_block_keys(self.checkpoint.weight_map, len(model.model.layers), where=path)
-        rest = [k for k in self.checkpoint.weight_map if not is_block_key(k)]
-        model.load_state_dict(self.checkpoint.read(rest, dtype), strict=False, assign=True)
-        if getattr(model.config, "tie_word_embeddings", False):
-            model.lm_head.weight = model.model.embed_tokens.weight
-        missing = [n for n, p in model.named_parameters() if p.is_meta and not is_block_key(n)]
-        missing += [block_prefix(i) + k for i, layer in enumerate(model.model.layers) for k in layer.state_dict()
-                    if block_prefix(i) + k not in self.checkpoint.weight_map]  # found now, not at block i
+        shape = adapter(model)
+        shape.unused_block_keys(self.checkpoint.weight_map, where=path)
+        rest = [k for k in self.checkpoint.weight_map if not shape.is_block_key(k)]
+        model.load_state_dict(shape.to_memory(self.checkpoint.read(rest, dtype)), strict=False, assign=True)
+        shape.tie_unless_stored(self.checkpoint.weight_map)
+        shape.use_layout_of(self.checkpoint.weight_map)
+        missing = [n for n, p in model.named_parameters() if p.is_meta and not shape.is_block_key(n)]
+        for i, layer in enumerate(shape.layers):  # found now, not at block i
+            expected = shape.to_disk({shape.block_prefix(i) + k: v for k, v in layer.state_dict().items()})
+            missing += [k for k in expected if k not in self.checkpoint.weight_map]
         if missing:
             raise ModelError(f"{path}: {len(missing)} tensors missing from the checkpoint: "
                              f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
         self.model = model.eval()
-        self.num_blocks = len(model.model.layers)
+        self.num_blocks = shape.num_blocks
 
     @contextlib.contextmanager
     def block(self, i: int, tensors: dict | None = None):
         """Decoder block i, materialized from the checkpoint (or from `tensors`), released on exit."""
-        layer = self.model.model.layers[i]
+        shape = adapter(self.model)
+        layer = shape.layers[i]
         if tensors is None:
-            tensors = self.checkpoint.read(self.checkpoint.block_keys(i), self.dtype)
+            tensors = self.checkpoint.read(self.checkpoint.keys_under(shape.block_prefix(i)), self.dtype)
         try:
-            layer.load_state_dict(_relative(tensors, i), strict=True, assign=True)
+            shape.load_block(layer, i, tensors, assign=True)
         except RuntimeError as e:
             raise ModelError(f"{self.checkpoint.path}: block {i} does not match the config "
                              f"({' '.join(str(e).split())})") from None

@@ -105,7 +105,7 @@ class Staging:
         return {int(i): b for i, b in self.manifest.get("blocks", {}).items()}
 
     def files(self) -> list[Path]:
-        """The staged files in checkpoint order: the rest (embeddings, norm, lm_head), then each block."""
+        """The staged files in checkpoint order: the rest (embeddings, final norm, head), then each block."""
         names = [self.manifest["rest"]["file"]] + [b["file"] for _, b in sorted(self.finished.items())]
         return [self.path / name for name in names]
 

@@ -15,7 +15,9 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoint.adapter import adapter
 from ..checkpoint.models import ModelError
+from ..checkpoint.weights import Weight, as_weights, hook_inputs
 
 
 class _StopForward(Exception):
@@ -75,32 +77,10 @@ class BlockKwargs:
 def _firsts(model) -> dict:
     """{attention type: index of its first block} from ``config.layer_types`` ({None: 0} when
     the config has no types or a single one: block 0's arguments then serve every block)."""
-    types = list(getattr(model.config, "layer_types", None) or ())[:len(model.model.layers)]
+    types = adapter(model).layer_types()
     if len(set(types)) < 2:
         return {None: 0}
     return {t: types.index(t) for t in dict.fromkeys(types)}
-
-
-def _passthrough(hidden_states=None, *args, **kwargs):
-    """A block's stand-in while the capture forwards to a later block: its input, unchanged."""
-    return hidden_states
-
-
-@contextlib.contextmanager
-def _forward_to(layers, last: int):
-    """Blocks 0..last-1 pass their input through (never run: they may still be on the meta
-    device); any forward an instance had of its own (accelerate's hooks) is put back after."""
-    saved = [layer.__dict__.get("forward") for layer in layers[:last]]
-    try:
-        for layer in layers[:last]:
-            layer.forward = _passthrough
-        yield
-    finally:
-        for layer, fwd in zip(layers[:last], saved):
-            if fwd is None:
-                del layer.forward
-            else:
-                layer.forward = fwd
 
 
 @torch.no_grad()
@@ -115,7 +95,8 @@ def capture_block_inputs(model, input_ids: torch.Tensor, device, store_device, p
     """
     captured, by_type = {}, {}  # block 0's hidden states; each type's first arguments
     firsts = _firsts(model)
-    layers = model.model.layers
+    shape = adapter(model)
+    layers = shape.layers
     last = max(firsts.values())
 
     def hook(kind, i):
@@ -127,14 +108,13 @@ def capture_block_inputs(model, input_ids: torch.Tensor, device, store_device, p
                 raise _StopForward
         return record
 
-    pre = [m for n, m in model.model.named_children() if n not in ("layers", "norm")]
     handles = [layers[i].register_forward_pre_hook(hook(t, i), with_kwargs=True) for t, i in firsts.items()]
     hiddens = []
     try:
-        with visiting(pre, device), _forward_to(layers, last):
+        with visiting(shape.before_blocks(), device), shape.passing_through(last):
             for i in tqdm(range(input_ids.shape[0]), desc="capture inputs", disable=not progress, leave=False):
                 with contextlib.suppress(_StopForward):
-                    model.model(input_ids=input_ids[i:i + 1].to(device), use_cache=False)
+                    shape.base(input_ids=input_ids[i:i + 1].to(device), use_cache=False)
                 hiddens.append(captured["hidden"].to(store_device))
     finally:
         for h in handles:
@@ -144,7 +124,7 @@ def capture_block_inputs(model, input_ids: torch.Tensor, device, store_device, p
             if k in kwargs:
                 kwargs[k] = None
         kwargs["use_cache"] = False
-    types = None if None in firsts else list(model.config.layer_types)
+    types = None if None in firsts else shape.layer_types()
     return torch.cat(hiddens), BlockKwargs(by_type, types).to(device)
 
 
@@ -198,49 +178,58 @@ def calibrate_block(block, hiddens: torch.Tensor, kwargs: dict, device):
 
 
 @torch.no_grad()
-def shared_input_groups(block, names: list[str], hidden: torch.Tensor, kwargs: dict, device) -> list[list[str]]:
-    """The linears `names` of `block` grouped by the input they read, from one forward of the
-    block on `hidden` (one sample): linears handed the very same tensor in every call (q/k/v
-    the normed hidden states, gate/up the MLP's input) share one Gram, found by what runs, not
-    by a table of names. Groups come in the order of their first use in the forward, names in
-    a group in the order of `names`.
+def shared_input_groups(block, weights: list[Weight], hidden: torch.Tensor, kwargs: dict, device,
+                        moe_calibration: str = "routed") -> list[list[Weight]]:
+    """The `weights` of `block` grouped by the input they read, from one forward of the block
+    on `hidden` (one sample): linears handed the very same tensor in every call (q/k/v the
+    normed hidden states, gate/up the MLP's input) share one Gram, found by what runs, not by
+    a table of names. Each expert's slice has its own input (its tokens), except that with
+    ``moe_calibration="all"`` the gate_up slices of one experts module all read every token
+    (one Gram). Groups come in the order of their first use in the forward, weights in a
+    group in the order of `weights`.
 
     "The same tensor" is the same storage, offset, shape, stride and dtype: a view re-made
     with the same layout counts. Every input is kept alive until the end of the forward, so
     no freed address is reused within it. A linear never called (an unused module) raises a
     ModelError naming it: it would get no Gram.
     """
+    if weights and isinstance(weights[0], str):  # names of linears: the groups by name
+        groups = shared_input_groups(block, as_weights(weights), hidden, kwargs, device, moe_calibration)
+        return [[w.name for w in g] for g in groups]
     calls: list[tuple[str, tuple]] = []
     alive: list[torch.Tensor] = []
 
-    def hook(name):
-        def record(module, args):
-            x = args[0]
-            alive.append(x)
-            calls.append((name, (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape),
-                                 x.stride(), x.dtype)))
-        return record
+    def record(w: Weight, x: torch.Tensor):
+        if w.expert is not None:  # by position, not by address (an expert's rows are a new tensor)
+            shared = moe_calibration == "all" and w.param == "gate_up_proj"
+            calls.append((w.name, (w.module, w.param, None if shared else w.expert)))
+            return
+        alive.append(x)
+        calls.append((w.name, (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape),
+                               x.stride(), x.dtype)))
 
-    handles = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    handles = hook_inputs(block, weights, record, moe_calibration)
     try:
         block(hidden.to(device), **kwargs)
     finally:
         for h in handles:
             h.remove()
-    inputs = {n: tuple(key for m, key in calls if m == n) for n in names}  # each linear's calls, in order
+    names = [w.name for w in weights]
+    inputs = {n: tuple(key for m, key in calls if m == n) for n in names}  # each weight's calls, in order
     unused = [n for n in names if not inputs[n]]
     if unused:
         raise ModelError(f"{', '.join(unused)} of {type(block).__name__} received no input in a forward; "
                          f"it cannot be calibrated")
     first = {n: next(i for i, (m, _) in enumerate(calls) if m == n) for n in names}
-    groups: dict[tuple, list[str]] = {}
-    for n in names:
-        groups.setdefault(inputs[n], []).append(n)
-    return sorted(groups.values(), key=lambda g: min(first[n] for n in g))
+    groups: dict[tuple, list[Weight]] = {}
+    for w in weights:
+        groups.setdefault(inputs[w.name], []).append(w)
+    return sorted(groups.values(), key=lambda g: min(first[w.name] for w in g))
 
 
 class GramCollector:
-    """Forward pre-hooks accumulating XtX = sum x x^T of the inputs of chosen linears.
+    """Forward pre-hooks accumulating XtX = sum x x^T of the inputs of chosen weights
+    (`weights.hook_inputs`: a linear's input, or the tokens routed to an expert).
 
     Each sample's x^T x is a float32 product added into a float64 sum (`ACCUMULATE`): the
     sum then does not depend on the order of the samples, so ranks that each sum their
@@ -249,28 +238,47 @@ class GramCollector:
     the same bits. Summed in float32, 2 ranks and 1 process differed in 1.76 % of SmolLM2's
     mask entries and 0.19 % in perplexity (paper_notes/distributed.md); the float64 sum
     costs ~15-20 % of the Gram's time on this project's CPU (the Gram is ~13 % of a run).
+    `tokens` counts the rows each weight saw (an expert's: the tokens routed to it).
 
     A context manager: the hooks are removed on exit, whatever happens inside. With
-    ``stop=True`` the hook of the last of `names` to run in a forward stops that forward
-    (`calibrate_block` expects it): for passes whose outputs are thrown away.
+    ``stop=True`` the hook of the last of `weights` to run in a forward stops that forward
+    (`calibrate_block` expects it): for passes whose outputs are thrown away. An expert's
+    hook runs in every forward of its experts module, with or without tokens, so a forward
+    is stopped where it should be even when an expert got nothing.
     """
 
-    def __init__(self, block, names: list[str], device, timer=None, stop: bool = False):
+    def __init__(self, block, weights: list[Weight], device, timer=None, stop: bool = False,
+                 moe_calibration: str = "routed"):
         self.grams: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
-        self.handles = []
         self.timer = timer
         self.stop = stop
-        self._pending = set(names)  # names not yet seen in this forward (stop=True)
-        for name in names:
-            linear = block.get_submodule(name)
-            self.grams[name] = self._zeros(linear.in_features, device)
-            self.tokens[name] = 0
-            self.handles.append(linear.register_forward_pre_hook(self._hook(name)))
+        weights = as_weights(weights)
+        homes = self.homes(block, weights, device)
+        for w in weights:
+            self.grams[w.name] = self._zeros(w.in_features(block), homes[w.name])
+            self.tokens[w.name] = 0
+        self._pending = set(self.grams)  # names not yet seen in this forward (stop=True)
+        self.handles = hook_inputs(block, weights, self._feed, moe_calibration)
+
+    @classmethod
+    def homes(cls, block, weights: list[Weight], device) -> dict:
+        """Where each weight's sum lives: on `device`, except the experts' when together they
+        exceed `device_room` (E x d^2 float64 entries per block): then on the host, each moved
+        to the device only for its own solve."""
+        experts = [w for w in weights if w.expert is not None]
+        nbytes = sum(cls._size(w.in_features(block)) for w in experts) * torch.finfo(ACCUMULATE).bits // 8
+        offload = bool(experts) and nbytes > device_room(device)
+        return {w.name: torch.device("cpu") if offload and w.expert is not None else torch.device(device)
+                for w in weights}
 
     @staticmethod
     def _zeros(d_in: int, device) -> torch.Tensor:
         return torch.zeros(d_in, d_in, dtype=ACCUMULATE, device=device)
+
+    @staticmethod
+    def _size(d_in: int) -> int:
+        return d_in * d_in
 
     @staticmethod
     def _accumulate(buf: torch.Tensor, x: torch.Tensor):
@@ -306,19 +314,17 @@ class GramCollector:
             for c, e in zip(edges[i + 1:], edges[i + 2:]):
                 buf[c:e, a:b] = buf[a:b, c:e].T
 
-    def _hook(self, name):
-        def hook(module, args):
+    def _feed(self, w: Weight, x: torch.Tensor):
+        if x.shape[0]:
+            buf = self.grams[w.name]
             with self._timed():
-                x = args[0].reshape(-1, args[0].shape[-1])
-                self._accumulate(self.grams[name], x)
-            self.tokens[name] += x.shape[0]
-            if self.stop:
-                self._pending.discard(name)
-                if not self._pending:
-                    self._pending = set(self.grams)
-                    raise _StopForward
-
-        return hook
+                self._accumulate(buf, x.to(buf.device))
+        self.tokens[w.name] += x.shape[0]
+        if self.stop:
+            self._pending.discard(w.name)
+            if not self._pending:
+                self._pending = set(self.grams)
+                raise _StopForward
 
     def _timed(self):
         return self.timer("gram") if self.timer is not None else contextlib.nullcontext()
@@ -336,6 +342,16 @@ class GramCollector:
         if exc_type is None:
             for buf in self.grams.values():
                 self._finish(buf)
+
+
+def device_room(device) -> float:
+    """Bytes the experts' Grams may take on `device`: half its free memory on CUDA (the rest
+    is the block, the activations and the solves), unbounded elsewhere (a CPU run's Grams are
+    on the host anyway)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return float("inf")
+    return torch.cuda.mem_get_info(device)[0] / 2
 
 
 ACCUMULATE = torch.float64  # the collectors' sums: independent of sample order (class docstring)
@@ -359,6 +375,10 @@ class NormCollector(GramCollector):
     @staticmethod
     def _zeros(d_in: int, device) -> torch.Tensor:
         return torch.zeros(d_in, dtype=ACCUMULATE, device=device)
+
+    @staticmethod
+    def _size(d_in: int) -> int:
+        return d_in
 
     @staticmethod
     def _accumulate(buf: torch.Tensor, x: torch.Tensor):

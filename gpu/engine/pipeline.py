@@ -140,7 +140,7 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
                     info = {"records": [asdict(r) for r in recs], "seconds": time.perf_counter() - t0,
                             "phases": exclusive_phases(timer.seconds), **({"reconstruction": recon} if recon else {})}
                     with timer("write_wait"):  # the copy to the CPU, and a free place in the writer's queue
-                        writer.put(i, block_state_dict(block, i), info)
+                        writer.put(i, block_state_dict(source.model, block, i), info)
                 seconds = done[i]["seconds"] if i in done else time.perf_counter() - t0
             release_memory(device)
             if i < nblocks:

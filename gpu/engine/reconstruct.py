@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checkpoint.weights import prunable_weights
 from .calibration import block_output, run_block
 from .distributed import Dist
 
@@ -77,8 +78,8 @@ def output_error(block, inps: torch.Tensor, targets: torch.Tensor, kwargs: dict,
 def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, targets: torch.Tensor,
                       kwargs: dict, device, *, steps: int, lr: float, batch: int, seed: int,
                       dist: Dist = Dist(), out: torch.Tensor | None = None) -> ReconstructionRecord:
-    """Tune the weights of the linears `names` of `block` (pruned, on `device`) in place, masks
-    fixed, for `steps` Adam steps of `batch` windows each (per rank), towards `targets`.
+    """Tune the weights `names` of `block` (pruned linears or experts' slices, on `device`) in
+    place through the block's own (routed) forward, masks fixed, for `steps` Adam steps of `batch` windows each (per rank), towards `targets`.
 
     The weights are tuned in float32 (a half-precision block is lifted for the tuning and cast
     back); everything else in the block stays frozen. If the tuned block's output error is not
@@ -90,8 +91,7 @@ def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, t
     t0 = time.perf_counter()
     before = output_error(block, inps, targets, kwargs, device, dist)
     dtype = next(block.parameters()).dtype
-    weights = [block.get_submodule(n).weight for n in names]
-    masks = [(w != 0) for w in weights]
+    weights, masks = _tuned(block, names)
     start = [w.detach().clone() for w in weights]
     with _trainable(block, weights, dtype):
         opt = torch.optim.Adam(weights, lr=lr)
@@ -118,6 +118,22 @@ def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, t
                 w.copy_(w0)
         after = output_error(block, inps, targets, kwargs, device, dist, out)
     return ReconstructionRecord(index, before, after, steps, time.perf_counter() - t0, reverted)
+
+
+def _tuned(block, names: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The parameters holding the weights `names` and their masks: the nonzeros of the named
+    weights (of a packed experts parameter, only the named experts' slices; the rest frozen)."""
+    chosen = [w for w in prunable_weights(block) if w.name in set(names)]
+    params, masks = [], []
+    for w in chosen:
+        p = w.parameter(block)
+        if not any(p is q for q in params):
+            params.append(p)
+            masks.append(torch.zeros_like(p, dtype=torch.bool) if w.expert is not None else p.detach() != 0)
+        if w.expert is not None:
+            k = next(i for i, q in enumerate(params) if q is p)
+            masks[k][w.expert] = p.detach()[w.expert] != 0
+    return params, masks
 
 
 @contextlib.contextmanager

@@ -27,6 +27,8 @@ class LinearRecord:
     error_mask_only: float | None  # relative error of W * M (the final mask, no weight update)
     error_pruned: float | None  # relative error of the pruned weights (None: magnitude, no inputs seen)
     seconds: float
+    tokens: int | None = None  # an expert's: the calibration tokens routed to it (None: not an expert)
+    fallback: str | None = None  # an expert pruned without its Gram: why and how (fewer than moe_min_tokens)
 
 
 class PhaseTimer:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 
 from ..data import corpus as data_mod
 from ..checkpoint import models as models_mod
+from ..checkpoint.adapter import adapter
+from ..checkpoint.weights import Weight, prunable_weights
 from ..engine.calibration import capture_block_inputs, run_block, visiting
 from ..config import DTYPES, EvalConfig, PipelineError
 from ..engine.context import this_rank_device
@@ -36,7 +39,8 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, device=None, offload_activations: bool = False,
                progress: bool = True, desc: str = "perplexity") -> float:
-    """exp(mean token NLL) over non-overlapping `windows` [n, seqlen], one block at a time.
+    """exp(mean token NLL) over non-overlapping `windows` [n, seqlen], one block at a time; the
+    logits through the model's own forward after the blocks (`adapter.ModelAdapter.logits`).
 
     `model`: a causal LM in memory or a block source (`sources.BlockSource`).
     """
@@ -52,11 +56,11 @@ def perplexity(model, windows: torch.Tensor, device=None, offload_activations: b
         with source.block(i) as block, visiting([block], device):
             run_block(block, hid, kwargs.at(i), device, buf)
         hid, buf = buf, hid
-    m = source.model
+    shape = adapter(source.model)
     losses = []
-    with visiting([m.model.norm, m.lm_head], device):
+    with visiting(shape.outside_blocks(), device):  # the model's own head: norm, lm head, soft cap, ...
         for i in range(hid.shape[0]):
-            logits = m.lm_head(m.model.norm(hid[i:i + 1].to(device))).float()
+            logits = shape.logits(hid[i:i + 1].to(device), mine[i:i + 1].to(device)).float()
             target = mine[i:i + 1, 1:].to(device)
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                     target.reshape(-1))
@@ -89,28 +93,30 @@ def load_eval_windows(source: str, split: str, tokenizer, seqlen: int, max_windo
     return windows if max_windows is None else windows[:max_windows]
 
 
-def check_seqlen_fits(model, **seqlens):
-    """Refuse window lengths beyond the model's context (named by their config field)."""
-    limit = models_mod.max_sequence_length(model)
-    for name, value in seqlens.items():
-        if value is not None and limit is not None and value > limit:
-            raise PipelineError(f"{name} {value} exceeds the model's limit of {limit} positions")
-
-
 @torch.no_grad()
 def linear_sparsity(model, targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> float:
-    """Fraction of exact zeros over the decoder blocks' prunable linears (model or block
-    source), chosen by `targets`/`ignore` as `models.prunable_linears` chooses them (default:
-    every nn.Linear of the blocks)."""
+    """Fraction of exact zeros over the decoder blocks' prunable weights (model or block
+    source), chosen by `targets`/`ignore` as `weights.prunable_weights` chooses them (default:
+    every nn.Linear of the blocks but routers, and every expert)."""
     source = as_source(model)
     zeros = total = 0
     for i in range(source.num_blocks):
         with source.block(i) as block:
-            for n in models_mod.prunable_linears(block, targets, ignore):
-                w = block.get_submodule(n).weight
+            for weight in _counted(block, targets, ignore):
+                w = weight.matrix(block)
                 zeros += int((w == 0).sum())
                 total += w.numel()
     return zeros / max(total, 1)
+
+
+def _counted(block, targets, ignore) -> list:
+    """The weights `linear_sparsity` counts: the prunable ones; where experts are packed in a
+    layout that cannot be pruned (named by prune, not here), the block's linears alone."""
+    try:
+        return prunable_weights(block, targets, ignore)
+    except models_mod.ModelError:
+        return [Weight(n, n) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)
+                and (not targets or any(re.search(t, n) for t in targets)) and not any(re.search(t, n) for t in ignore)]
 
 
 def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
@@ -163,7 +169,7 @@ def _evaluate(cfg: EvalConfig, name, model=None, tokenizer=None) -> dict:
     result = {"model": name or models_mod.DEFAULT_MODEL, "dtype": str(source.model.dtype).removeprefix("torch."),
               "linear_sparsity": linear_sparsity(source)}
     if cfg.eval is not None:
-        check_seqlen_fits(source.model, seqlen=cfg.seqlen)
+        models_mod.check_seqlen_fits(source.model, seqlen=cfg.seqlen)
         with naming("--eval", cfg.eval):
             windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.seqlen, cfg.eval_windows)
         result.update(eval=cfg.eval, windows=int(windows.shape[0]), seqlen=cfg.seqlen,
