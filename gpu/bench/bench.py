@@ -36,10 +36,9 @@ from admm_prune.reference.options import SolverOptions, option
 from ..data import corpus as data_mod
 from .. import methods as methods_mod
 from ..checkpoint import models as models_mod
-from ..engine.blocks import warn_unused_owl
 from ..config import (
     DTYPES, MIN_SEQLEN, CalibOptions, EngineOptions, ModelOptions, PipelineError, PruneConfig, ReconstructOptions,
-    positive_int, resolve_device, seed_value,
+    positive_int, resolve_device, seed_value, warn_unused,
 )
 from ..checkpoint.diskspace import writing
 from ..engine.distributed import current
@@ -66,7 +65,8 @@ class BenchConfig(SolverOptions, EngineOptions, ReconstructOptions, CalibOptions
 
     methods: tuple[str, ...] = option(("wanda", "sparsegpt", "admm", "admm-grad"),
                                       "comma-separated methods (see the list above); each may carry variants "
-                                      "+owl, +polishK, +itersK (e.g. admm-grad+owl+polish10)")
+                                      "+owl, +polishK, +itersK, +reconstruct[K] (e.g. admm-grad+owl+polish10, "
+                                      "admm-grad+reconstruct16)")
     settings: tuple[str, ...] = option(("0.5", "0.6", "0.7", "0.8", "2:4"),
                                        "comma-separated sparsities and N:M patterns")
     peers: tuple[str, ...] = option(PEERS, "peer implementations run on the same windows when installed "
@@ -76,6 +76,9 @@ class BenchConfig(SolverOptions, EngineOptions, ReconstructOptions, CalibOptions
                                           "once per seed; the tables give mean and std over the seeds")
     baseline_method: str | None = option(None, "a --methods entry: each run's perplexity is also given as a "
                                                "ratio to it, paired per seed (same calibration), then averaged")
+    reconstruct_steps: int = option(0, "Adam steps of the block reconstruction of the +reconstruct variants "
+                                       "(+reconstructK sets its own K); the other runs do not reconstruct",
+                                    metavar="N")
     nsamples: int = option(64, "calibration windows")
     seqlen: int = option(512, "calibration window length in tokens")
     eval: str = option("wikitext2", "perplexity data (wikitext2, c4 or a local file)")
@@ -234,10 +237,25 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
     ``cfg.model``); returns the results. With ``cfg.out`` they are written after every run to
     OUT.partial.json/.md, and to OUT.json/.md once complete (`_save`); ``OUT.lock`` is held
     meanwhile: one bench per prefix."""
-    warn_unused_owl(cfg, any(parse_variant(m)[1].get("sparsity_profile") == "owl" for m in cfg.methods),
-                    "only +owl variants read")
+    warn_unused_settings(cfg)
     with prefix_lock(cfg.out, current().main):
         return _bench(cfg, model, tokenizer)
+
+
+def warn_unused_settings(cfg: BenchConfig):
+    """A warning for each group of settings that only some variants read, when no variant of
+    `methods` does (`config.warn_unused`)."""
+    variants = [(methods_mod.get(base).spec, overrides) for base, overrides in map(parse_variant, cfg.methods)]
+    warn_unused(cfg, ("owl_m", "owl_lambda"), "only +owl variants read {it}",
+                any(o.get("sparsity_profile") == "owl" for _, o in variants))
+    warn_unused(cfg, ("reconstruct_steps",), "only +reconstruct variants (without their own K) read {it}",
+                any("reconstruct_steps" in o and o["reconstruct_steps"] is None for _, o in variants))
+    warn_unused(cfg, ("reconstruct_lr", "reconstruct_batch"), "only +reconstruct variants read {it}",
+                any("reconstruct_steps" in o for _, o in variants))
+    warn_unused(cfg, ("mask_steps",), "no variant that re-selects its mask without +itersK reads {it}",
+                any(spec.mask_steps and "mask_steps" not in o for spec, o in variants))
+    warn_unused(cfg, ("polish_damp",), "only +polishK variants read {it}",
+                any(o.get("polish_iters", cfg.polish_iters) > 0 for _, o in variants))
 
 
 def _bench(cfg: BenchConfig, model, tokenizer) -> dict:

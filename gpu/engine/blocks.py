@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from admm_prune.reference import options, owl_sparsities
+from admm_prune.reference import owl_sparsities
 
 from ..checkpoint import models as models_mod
 from .calibration import (
@@ -177,9 +177,3 @@ def block_targets(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, ctx: 
     return {"profile": "owl", "m": cfg.owl_m, "lambda": cfg.owl_lambda, "ratios": ratios, "sizes": sizes,
             "targets": [float(t) for t in targets]}
 
-
-def warn_unused_owl(cfg, used: bool, readers: str):
-    """A log warning when owl_m/owl_lambda are set (not their defaults) but no run reads them."""
-    changed = [name for name in ("owl_m", "owl_lambda") if getattr(cfg, name) != options.default(name)]
-    if changed and not used:
-        log.warning("%s set but unused: %s %s", " and ".join(changed), readers, "them" if len(changed) > 1 else "it")

@@ -53,7 +53,7 @@ from admm_prune.reference.errors import AdmmPruneError
 
 from ..data import corpus as data_mod
 from ..checkpoint import models as models_mod
-from .blocks import block_targets, check_finite, check_model, prune_block, warn_unused_owl
+from .blocks import block_targets, check_finite, check_model, prune_block
 from .calibration import capture_block_inputs, release_memory, run_block, visiting
 from ..config import DTYPES, PipelineError, PruneConfig
 from .context import RunContext, this_rank_device
@@ -203,11 +203,11 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
     plan = OutputPlan(cfg.out, cfg.overwrite) if cfg.out is not None else None  # checked on every rank
     plan = plan if dist.main else None  # rank 0 alone stages and writes
     _lock_output(plan, dist)
+    cfg.warn_unused()
     source = staging = None
     try:
         with steps("open"):
             ctx, source, tokenizer = _open_source(cfg, model, tokenizer)
-        warn_unused_owl(cfg, cfg.sparsity_profile == "owl", "only sparsity_profile owl reads")
         report = PruneReport(config=asdict(cfg), versions=versions(), model=_model_identity(source, ctx.device))
         report.world_size = ctx.dist.world
         report.matmul_precision = cfg.matmul_precision if ctx.device.type == "cuda" else "highest"  # CPU: IEEE

@@ -1,0 +1,172 @@
+"""Hardening round 4 (#28, items 6, 8, 9, 11, 12, 14-20): flag-named messages and warnings, regexes
+with commas, lock files that cannot be made, devices this machine lacks, and the messages and help
+of the probe. Each test failed before its fix (a traceback, a field name where a flag belongs, a
+silent success); each user error is one line, exit 2, naming the flag."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import pytest
+from synth import write_corpus
+
+torch = pytest.importorskip("torch")
+
+from admm_prune.gpu import cli  # noqa: E402
+from admm_prune.gpu.checkpoint import models  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    model, tok = models.tiny_model("llama")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _subparser(command: str) -> argparse.ArgumentParser:
+    parser = cli.build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
+def _cli(args, capsys):
+    code = cli.main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if " INFO " not in line and " WARNING " not in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _prune_argv(ck: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return ["prune", "--model", str(ck), "--calib", str(corpus / "calib.jsonl"), "--eval", "none",
+            "--nsamples", "2", "--seqlen", "16", "--num-blocks", "1", "--device", "cpu", "--no-progress",
+            "--out", str(out), *extra]
+
+
+# --- one helper: field names said as flags, in errors and in unused-setting warnings ----------
+
+@pytest.mark.parametrize("command, message, said", [
+    # a switch is named by its positive form (before: --no-layer-errors, which turns it off)
+    ("prune", "layer_errors needs calibration inputs; magnitude reads only the weights",
+     "--layer-errors needs calibration inputs; magnitude reads only the weights"),
+    # quoted text is the user's value or another library's words (before: "--device string")
+    ("prune", "device 'x' is not valid: \"expected a device string\"",
+     "--device 'x' is not valid: \"expected a device string\""),
+    ("prune", "out x\nholds y", "--out x holds y"),  # one line
+    ("prune", "the model's limit of 8 positions; lower seqlen", "the model's limit of 8 positions; lower --seqlen"),
+])
+def test_flag_names(command, message, said):
+    assert cli.flag_names(message, _subparser(command)) == said
+
+
+def test_layer_errors_with_magnitude_names_the_flag_that_was_given(capsys, tmp_path):
+    code, _, err = _cli(["prune", "--method", "magnitude", "--layer-errors", "--out", str(tmp_path / "o")], capsys)
+    assert code == cli.EXIT_USER_ERROR
+    assert _error_line(err) == ("admm-prune: error: --layer-errors needs calibration inputs; magnitude reads only "
+                                "the weights")
+
+
+UNUSED = [
+    (["--reconstruct-lr", "0.01", "--reconstruct-batch", "2"],
+     "--reconstruct-lr and --reconstruct-batch set but unused: only --reconstruct-steps > 0 reads them"),
+    (["--method", "sparsegpt", "--mask-steps", "3"],
+     "--mask-steps set but unused: --method sparsegpt keeps its first mask, so nothing reads it"),
+    (["--polish-damp", "0.2"], "--polish-damp set but unused: only --polish-iters > 0 reads it"),
+    (["--eval-seqlen", "32"],
+     "--eval-seqlen set but unused: --eval none reads no perplexity data, so nothing reads it"),
+    (["--owl-m", "3"], "--owl-m set but unused: only --sparsity-profile owl reads it"),
+]
+
+
+@pytest.mark.parametrize("extra, warning", UNUSED, ids=[u[0][0] for u in UNUSED])
+def test_a_flag_set_but_unused_is_a_warning_naming_the_flag(extra, warning, tiny_dir, corpus, tmp_path, capsys,
+                                                            caplog):
+    with caplog.at_level(logging.WARNING):
+        code, out, err = _cli(_prune_argv(tiny_dir, corpus, tmp_path / "out", *extra), capsys)
+    assert code == 0, err
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [warning]
+
+
+def test_the_library_warns_in_field_names(tiny_dir, corpus, tmp_path, caplog):
+    from admm_prune.gpu.engine import pipeline
+
+    cfg = pipeline.PruneConfig(model=str(tiny_dir), calib=str(corpus / "calib.jsonl"), eval=None, nsamples=2,
+                               seqlen=16, num_blocks=1, device="cpu", progress=False, out=str(tmp_path / "o"),
+                               polish_damp=0.3)
+    with caplog.at_level(logging.WARNING):
+        pipeline.run_prune(cfg)
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "polish_damp set but unused: only polish_iters > 0 reads it"]
+
+
+BENCH_UNUSED = [
+    (["--methods", "wanda,admm-grad", "--reconstruct-steps", "4"],
+     ["--reconstruct-steps set but unused: only +reconstruct variants (without their own K) read it"]),
+    (["--methods", "wanda,admm-grad+reconstruct4", "--reconstruct-steps", "4"],
+     ["--reconstruct-steps set but unused: only +reconstruct variants (without their own K) read it"]),
+    (["--methods", "wanda,admm-grad+reconstruct", "--reconstruct-steps", "4", "--reconstruct-lr", "0.1"], []),
+    (["--methods", "wanda,admm-grad", "--reconstruct-lr", "0.1"],
+     ["--reconstruct-lr set but unused: only +reconstruct variants read it"]),
+    (["--methods", "sparsegpt,admm-grad+iters10", "--mask-steps", "3"],
+     ["--mask-steps set but unused: no variant that re-selects its mask without +itersK reads it"]),
+    (["--methods", "sparsegpt", "--polish-damp", "0.3"],
+     ["--polish-damp set but unused: only +polishK variants read it"]),
+    (["--methods", "sparsegpt+polish2", "--polish-damp", "0.3"], []),
+    (["--methods", "wanda", "--owl-m", "3", "--owl-lambda", "0.1"],
+     ["--owl-m and --owl-lambda set but unused: only +owl variants read them"]),
+]
+
+
+@pytest.mark.parametrize("extra, warnings", BENCH_UNUSED)
+def test_bench_warns_of_flags_no_variant_reads(extra, warnings, monkeypatch, caplog):
+    from admm_prune.gpu.bench import bench
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(bench.models_mod, "load_model", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+    with caplog.at_level(logging.WARNING), pytest.raises(Stop):
+        cli.main(["bench", "--settings", "0.5", "--device", "cpu", "--no-progress", *extra])
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == warnings
+
+
+def test_bench_help_names_every_variant_and_what_reconstruct_steps_tunes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "+reconstruct[K]" in text
+    assert "--reconstruct-steps N Adam steps of the block reconstruction of the +reconstruct variants" in text
+
+
+# --- item 9: a device this machine cannot run -------------------------------------------------
+
+def _available(device_type: str) -> bool:
+    backend = torch.backends.mps if device_type == "mps" else getattr(torch, device_type, None)
+    return backend is not None and backend.is_available()
+
+
+@pytest.mark.parametrize("device, said", [
+    ("meta", "--device 'meta' cannot run a model here; choose one of cpu, cuda, mps, xpu"),
+    ("foo", "--device 'foo' is not one torch knows; e.g. cpu, cuda or cuda:1"),
+    *[(d, f"--device '{d}' requested, but {d.upper()} is not available on this machine (or in this torch build)")
+      for d in ("mps", "xpu", "cuda") if not _available(d)],
+])
+@pytest.mark.parametrize("command", ["prune", "eval", "bench"])
+def test_a_device_this_machine_lacks_is_one_line(command, device, said, tiny_dir, tmp_path, capsys):
+    code, out, err = _cli([command, "--model", str(tiny_dir), "--device", device, "--out", str(tmp_path / "o")],
+                          capsys)
+    assert code == cli.EXIT_USER_ERROR and out == ""
+    assert _error_line(err).startswith(f"admm-prune: error: {said}"), err
+    assert list(tmp_path.iterdir()) == []
