@@ -80,6 +80,31 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def regex_list(text: str) -> tuple[str, ...]:
+    """'o_proj,mlp\\.(gate|up)_proj' -> ('o_proj', 'mlp\\.(gate|up)_proj'): split at the commas outside
+    (), [] and {} (and not escaped), so that a regex's own comma (``pro{1,1}j``, ``[,;]``) stays in it."""
+    items, current, depth, in_class, escaped = [], [], 0, False, False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch in "({":
+            depth += 1
+        elif ch in ")}":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    return tuple(t.strip() for t in [*items, "".join(current)] if t.strip())
+
+
 def byte_size(text: str) -> int:
     """'5GB' -> 5_000_000_000, '2GiB' -> 2 * 2**30, '500MB', '1.5GB', or a plain number of bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?\s*", text, flags=re.IGNORECASE)
@@ -101,7 +126,7 @@ _TYPES = {
     "tuple[str, ...]": _comma_list,
     "tuple[int, ...]": _typed("comma-separated integers", lambda text: tuple(int(t) for t in _comma_list(text))),
 }
-_PARSERS = {"byte_size": byte_size}
+_PARSERS = {"byte_size": byte_size, "regex_list": regex_list}
 
 
 def add_flags(parser: argparse.ArgumentParser, config: type, skip: tuple[str, ...] = ()) -> None:

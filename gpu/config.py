@@ -143,10 +143,12 @@ class EngineOptions(Options):
 
     targets: tuple[str, ...] = option((), "prune only the linears of each decoder layer whose name in the layer "
                                           "(self_attn.q_proj, mlp.down_proj, ...) a regular expression finds "
-                                          "(re.search), comma-separated (default: every linear)",
-                                      metavar="REGEX,...")
+                                          "(re.search), comma-separated; a comma inside (), [] or {} belongs to "
+                                          "its regex (default: every linear)",
+                                      metavar="REGEX,...", parse="regex_list")
     ignore: tuple[str, ...] = option((), "leave dense the linears whose name one of these regular expressions "
-                                         "finds, comma-separated (e.g. o_proj,down_proj)", metavar="REGEX,...")
+                                         "finds, comma-separated as for --targets (e.g. o_proj,down_proj or "
+                                         "'(o|down)_proj')", metavar="REGEX,...", parse="regex_list")
     true_sequential: bool = option(False, "collect each group's inputs after the groups before it in the "
                                           "block are pruned (o_proj/down_proj see pruned q/k/v, gate/up)")
     num_blocks: int | None = option(None, "prune only the first K blocks (default: all)")

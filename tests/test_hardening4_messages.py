@@ -170,3 +170,31 @@ def test_a_device_this_machine_lacks_is_one_line(command, device, said, tiny_dir
     assert code == cli.EXIT_USER_ERROR and out == ""
     assert _error_line(err).startswith(f"admm-prune: error: {said}"), err
     assert list(tmp_path.iterdir()) == []
+
+
+# --- item 6: a comma inside a --targets/--ignore regex --------------------------------------
+
+@pytest.mark.parametrize("text, regexes", [
+    ("o_proj|down_pro{1,1}j", ("o_proj|down_pro{1,1}j",)),
+    ("o_proj, down_proj", ("o_proj", "down_proj")),
+    (r"mlp\.(gate|up)_proj,q_pro[j,x]", (r"mlp\.(gate|up)_proj", "q_pro[j,x]")),
+    (r"o_proj\,x,v_proj", (r"o_proj\,x", "v_proj")),
+    ("[(],o_proj", ("[(]", "o_proj")),
+])
+@pytest.mark.parametrize("flag", ["--targets", "--ignore"])
+def test_a_comma_inside_a_regex_does_not_split_it(flag, text, regexes):
+    args = cli.build_parser().parse_args(["prune", flag, text])
+    assert getattr(args, flag[2:]) == regexes
+
+
+def test_ignore_with_a_counted_repeat_leaves_down_proj_dense(tiny_dir, corpus, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    code, _, err = _cli(_prune_argv(tiny_dir, corpus, out, "--ignore", "o_proj|down_pro{1,1}j"), capsys)
+    assert code == 0, err
+    weights = load_file(out / "model.safetensors")
+    fraction = {name: float((w == 0).float().mean()) for name, w in weights.items() if name.startswith("model.layers.0.")
+                and name.endswith("proj.weight")}
+    assert fraction["model.layers.0.mlp.down_proj.weight"] == 0 == fraction["model.layers.0.self_attn.o_proj.weight"]
+    assert fraction["model.layers.0.mlp.up_proj.weight"] == pytest.approx(0.5, abs=0.01)
