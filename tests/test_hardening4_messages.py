@@ -198,3 +198,85 @@ def test_ignore_with_a_counted_repeat_leaves_down_proj_dense(tiny_dir, corpus, t
                 and name.endswith("proj.weight")}
     assert fraction["model.layers.0.mlp.down_proj.weight"] == 0 == fraction["model.layers.0.self_attn.o_proj.weight"]
     assert fraction["model.layers.0.mlp.up_proj.weight"] == pytest.approx(0.5, abs=0.01)
+
+
+# --- item 8: a lock file that cannot be made ----------------------------------------------------
+
+def _lock_argv(command: str, tiny_dir: Path, corpus: Path, out: str) -> list[str]:
+    if command == "prune":
+        return _prune_argv(tiny_dir, corpus, Path(out))
+    extra = ["--methods", "wanda", "--settings", "0.5", "--nsamples", "2", "--seqlen", "16"] if command == "bench" else []
+    return [command, "--model", str(tiny_dir), "--eval", str(corpus / "eval.txt"), "--device", "cpu",
+            "--no-progress", "--out", out, *extra]
+
+
+def _lock_path(command: str, out: Path) -> Path:
+    return out.parent / (f".{out.name}.lock" if command == "prune" else f"{out.name}.lock")
+
+
+def _folder_there(lock: Path):
+    lock.mkdir()
+
+
+def _dangling_symlink(lock: Path):
+    lock.symlink_to(lock.parent / "nowhere" / "x")
+
+
+@pytest.mark.parametrize("make, said", [(_folder_there, "is a folder; remove it or choose another --out"),
+                                        (_dangling_symlink, "is a symlink; remove it or choose another --out")])
+@pytest.mark.parametrize("command", ["prune", "eval", "bench"])
+def test_a_lock_path_taken_by_something_else_is_one_line(command, make, said, tiny_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    make(_lock_path(command, out))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = _cli(_lock_argv(command, tiny_dir, corpus, str(out)), capsys)
+    assert code == cli.EXIT_USER_ERROR
+    assert _error_line(err) == f"admm-prune: error: --out {out}: its lock file {_lock_path(command, out)} {said}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("command, length", [("prune", 250), ("prune", 247), ("eval", 252), ("bench", 252)])
+def test_an_out_whose_lock_name_is_too_long_is_one_line(command, length, tiny_dir, corpus, tmp_path, capsys):
+    """A legal name whose lock file's (or staging folder's) name is not: before, a traceback (at
+    the lock, or for 247 characters at the staging folder, after the calibration)."""
+    out = tmp_path / "sub" / ("a" * length)
+    code, _, err = _cli(_lock_argv(command, tiny_dir, corpus, str(out)), capsys)
+    assert code == cli.EXIT_USER_ERROR
+    line = _error_line(err)
+    assert line.startswith(f"admm-prune: error: --out {out}: "), line
+    assert line.endswith("; choose a shorter --out"), line
+    assert list(tmp_path.iterdir()) == []  # the folder made for it is gone again
+
+
+@pytest.mark.parametrize("command", ["prune", "eval", "bench"])
+def test_an_out_in_proc_is_one_line(command, tiny_dir, corpus, capsys):
+    code, _, err = _cli(_lock_argv(command, tiny_dir, corpus, "/proc/admm-prune-test"), capsys)
+    assert code == cli.EXIT_USER_ERROR
+    assert _error_line(err).startswith("admm-prune: error: --out /proc/admm-prune-test"), err
+
+
+@pytest.mark.parametrize("where", ["open", "write"])  # out of inodes; out of blocks
+@pytest.mark.parametrize("command", ["prune", "eval", "bench"])
+def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock_file(command, where, tiny_dir, corpus, tmp_path,
+                                                                     capsys, monkeypatch):
+    import errno
+    import os
+
+    from admm_prune.gpu.checkpoint import lock
+
+    real = {"open": os.open, "write": os.write}
+
+    def full(target, *args):
+        name = str(target) if where == "open" else os.readlink(f"/proc/self/fd/{target}")
+        if name.endswith(".lock"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real[where](target, *args)
+
+    monkeypatch.setattr(lock.os, where, full)
+    out = tmp_path / "out"
+    code, _, err = _cli(_lock_argv(command, tiny_dir, corpus, str(out)), capsys)
+    monkeypatch.undo()
+    assert code == cli.EXIT_USER_ERROR
+    assert _error_line(err) == (f"admm-prune: error: --out {out}: no room for its lock file {_lock_path(command, out)} "
+                                f"(disk, quota or inodes full); free some space")
+    assert list(tmp_path.iterdir()) == []
