@@ -280,3 +280,88 @@ def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock_file(command, wh
     assert _error_line(err) == (f"admm-prune: error: --out {out}: no room for its lock file {_lock_path(command, out)} "
                                 f"(disk, quota or inodes full); free some space")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- items 11, 19: data errors name the flags that gave the data and the window length ------------
+
+@pytest.fixture(scope="module")
+def no_eos_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("no-eos") / "model"
+    model, tok = models.tiny_model("llama")
+    tok.eos_token = None
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def short_texts(tmp_path_factory):
+    import json
+
+    folder = tmp_path_factory.mktemp("short")
+    (folder / "short.jsonl").write_text("\n".join(json.dumps({"text": f"a few short words {i}"}) for i in range(50)))
+    (folder / "short.txt").write_text("just a few words of evaluation text\n")
+    return folder
+
+
+_BENCH = ["--methods", "wanda", "--settings", "0.5", "--eval-seqlen", "16"]
+
+
+@pytest.mark.parametrize("command", ["prune", "bench"])
+def test_a_tokenizer_without_eos_that_must_join_documents_is_one_line(command, no_eos_dir, short_texts, corpus,
+                                                                      tmp_path, capsys):
+    calib = short_texts / "short.jsonl"
+    args = [command, "--model", str(no_eos_dir), "--calib", str(calib), "--eval", str(corpus / "eval.txt"),
+            "--nsamples", "4", "--seqlen", "64", "--device", "cpu", "--no-progress",
+            *(_BENCH if command == "bench" else ["--out", str(tmp_path / "o")])]
+    code, _, err = _cli(args, capsys)
+    assert code == cli.EXIT_USER_ERROR
+    assert _error_line(err) == (
+        f"admm-prune: error: --calib {calib}: fewer documents than windows are longer than --seqlen 64, and the "
+        f"tokenizer has no eos token to join shorter ones with; give longer documents, a smaller --seqlen, or a "
+        f"tokenizer with an eos token")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, lengths, flag", [
+    ("prune", ["--seqlen", "16", "--eval-seqlen", "128"], "--eval-seqlen"),
+    ("prune", ["--seqlen", "128"], "--seqlen"),
+    ("bench", ["--seqlen", "16", *_BENCH, "--eval-seqlen", "128"], "--eval-seqlen"),
+    ("eval", ["--seqlen", "128"], "--seqlen"),
+])
+def test_an_evaluation_text_shorter_than_a_window_names_the_length_flag(command, lengths, flag, tiny_dir, corpus,
+                                                                        short_texts, capsys):
+    text = short_texts / "short.txt"
+    calib = ["--calib", str(corpus / "calib.jsonl"), "--nsamples", "2"] if command != "eval" else []
+    if command == "prune" and flag == "--seqlen":
+        calib = ["--method", "magnitude"]  # no calibration: the window length is the evaluation's alone
+    code, _, err = _cli([command, "--model", str(tiny_dir), "--eval", str(text), *calib, *lengths, "--device", "cpu",
+                         "--no-progress"], capsys)
+    assert code == cli.EXIT_USER_ERROR
+    assert _error_line(err) == f"admm-prune: error: --eval {text}: text has 37 tokens, fewer than one window of {flag} 128"
+
+
+@pytest.mark.parametrize("command, flag", [("prune", "--calib"), ("prune", "--eval"), ("bench", "--calib"),
+                                           ("bench", "--eval"), ("eval", "--eval")])
+def test_a_data_source_that_is_not_there_names_its_flag(command, flag, tiny_dir, corpus, capsys):
+    args = {"--calib": str(corpus / "calib.jsonl"), "--eval": str(corpus / "eval.txt"), flag: "nosuch"}
+    if command == "eval":
+        args.pop("--calib")
+    extra = ["--nsamples", "2"] + (_BENCH if command == "bench" else []) if command != "eval" else []
+    code, _, err = _cli([command, "--model", str(tiny_dir), *[x for kv in args.items() for x in kv], "--seqlen", "16",
+                         *extra, "--device", "cpu", "--no-progress"], capsys)
+    assert code == cli.EXIT_USER_ERROR
+    assert _error_line(err) == (f"admm-prune: error: {flag} 'nosuch' is neither one of ('c4', 'wikitext2') nor an "
+                                f"existing file or directory")
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_bench_no_progress_silences_the_loading_bar(progress, tiny_dir, corpus, capsys):
+    from transformers.utils import logging as hf_logging
+
+    args = ["bench", "--model", str(tiny_dir), "--calib", "nosuch", "--eval", str(corpus / "eval.txt"),
+            "--seqlen", "16", *_BENCH, "--device", "cpu", *([] if progress else ["--no-progress"])]
+    code, _, err = _cli(args, capsys)
+    assert code == cli.EXIT_USER_ERROR
+    assert ("Loading weights" in err) == progress, err
+    assert hf_logging.is_progress_bar_enabled()  # as it was before

@@ -42,7 +42,7 @@ from ..config import (
 )
 from ..checkpoint.diskspace import writing
 from ..engine.distributed import current
-from ..evaluation.evaluate import linear_sparsity, load_eval_windows, perplexity, prepare_report_out
+from ..evaluation.evaluate import linear_sparsity, load_eval_windows, naming, perplexity, prepare_report_out
 from ..checkpoint.lock import prefix_lock
 from .peers import PEER_METHODS, PEERS, llmcompressor_prune, peer_available
 from ..engine.pipeline import prune_model
@@ -261,18 +261,21 @@ def warn_unused_settings(cfg: BenchConfig):
 def _bench(cfg: BenchConfig, model, tokenizer) -> dict:
     device = resolve_device(cfg.device)
     if model is None:
-        model, tokenizer, _ = models_mod.load_model(cfg.model, dtype=DTYPES.get(cfg.dtype), cache_dir=cfg.cache_dir)
+        model, tokenizer, _ = models_mod.load_model(cfg.model, dtype=DTYPES.get(cfg.dtype), cache_dir=cfg.cache_dir,
+                                                   progress=cfg.progress)
     model.eval()
     limit = models_mod.max_sequence_length(model)
     for flag, value in (("--seqlen", cfg.seqlen), ("--eval-seqlen", cfg.eval_seqlen)):
         if limit is not None and value > limit:
             raise PipelineError(f"{flag} {value} exceeds the model's limit of {limit} positions")
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    texts = data_mod.load_texts(cfg.calib, split="train")
-    tokens = data_mod.TokenCache(texts, tokenizer, cfg.seqlen)  # tokenized once, for every seed
-    calibration = {seed: data_mod.sample_calibration(texts, tokenizer, cfg.nsamples, cfg.seqlen, seed, tokens)
-                   for seed in cfg.seeds}
-    windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.eval_seqlen, cfg.eval_windows)
+    with naming("--calib", cfg.calib):
+        texts = data_mod.load_texts(cfg.calib, split="train")
+        tokens = data_mod.TokenCache(texts, tokenizer, cfg.seqlen)  # tokenized once, for every seed
+        calibration = {seed: data_mod.sample_calibration(texts, tokenizer, cfg.nsamples, cfg.seqlen, seed, tokens)
+                       for seed in cfg.seeds}
+    with naming("--eval", cfg.eval, "eval_seqlen"):
+        windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.eval_seqlen, cfg.eval_windows)
     eval_kw = dict(device=cfg.device, progress=cfg.progress)
     result = {"config": asdict(cfg), "versions": versions(), "device": str(device),
               "dtype": str(model.dtype).removeprefix("torch."),

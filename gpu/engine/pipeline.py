@@ -311,7 +311,7 @@ def _eval_windows(cfg: PruneConfig, tokenizer, ctx: RunContext, report: PruneRep
     """The perplexity windows (None: no perplexity), counted in the report."""
     if cfg.eval is None:
         return None
-    with naming("--eval", cfg.eval):
+    with naming("--eval", cfg.eval, "eval_seqlen" if cfg.eval_seqlen else "seqlen"):
         windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.eval_seqlen or cfg.seqlen,
                                     cfg.eval_windows)
     report.perplexity.update(windows=int(windows.shape[0]), seqlen=int(windows.shape[1]))
