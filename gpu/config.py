@@ -14,6 +14,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -92,6 +93,11 @@ class ModelOptions(Options):
         if self.dtype is not None and self.dtype not in DTYPES:
             raise PipelineError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}", field="dtype")
         resolve_device(self.device)  # before any work: a device this machine lacks is a user error
+        if self.cache_dir is not None:
+            folder = Path(self.cache_dir).expanduser()
+            taken = next((p for p in (folder, *folder.parents) if p.exists()), None)
+            if taken is not None and not taken.is_dir():
+                raise PipelineError(f"cache_dir {self.cache_dir}: {taken} is a file, not a folder", field="cache_dir")
 
 
 @dataclass(frozen=True)

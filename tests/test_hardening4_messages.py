@@ -365,3 +365,31 @@ def test_bench_no_progress_silences_the_loading_bar(progress, tiny_dir, corpus, 
     assert code == cli.EXIT_USER_ERROR
     assert ("Loading weights" in err) == progress, err
     assert hf_logging.is_progress_bar_enabled()  # as it was before
+
+
+# --- item 12: --cache-dir naming a file ---------------------------------------------------------
+
+@pytest.mark.parametrize("below", [False, True])
+@pytest.mark.parametrize("command", ["prune", "eval", "bench"])
+def test_a_cache_dir_that_is_a_file_is_refused_before_converting(command, below, tmp_path, capsys, monkeypatch):
+    def convert(*args):
+        raise AssertionError("converted the embedded model first")
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    file = tmp_path / "cache"
+    file.write_text("not a folder")
+    cache = file / "sub" if below else file
+    code, out, err = _cli([command, "--cache-dir", str(cache), "--device", "cpu", "--no-progress"], capsys)
+    assert code == cli.EXIT_USER_ERROR and out == ""
+    assert _error_line(err) == f"admm-prune: error: --cache-dir {cache}: {file} is a file, not a folder"
+
+
+def test_the_library_refuses_a_cache_folder_it_cannot_make_before_converting(tmp_path, monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("converted the embedded model first")
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", load)
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(models.ModelError, match="cache_dir .*cache: cannot make this folder") as error:
+        models.resolve_model(None, cache_dir=tmp_path / "cache")
+    assert error.value.field == "cache_dir"

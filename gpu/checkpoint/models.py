@@ -109,6 +109,11 @@ def _convert_gguf(gguf, target):
     """Dequantize `gguf` to float32 and save model + tokenizer at `target`, atomically."""
     from transformers import GgufConfig
 
+    try:  # before the conversion (20 s): a cache folder that cannot be made is a user error
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ModelError(f"cache_dir {target.parent}: cannot make this folder ({error.strerror})",
+                         field="cache_dir") from None
     logger.info("converting %s to a float32 checkpoint in %s (once)", gguf, target)
     start = time.perf_counter()
     # dequantize=True: plain nn.Linear weights, and a model that save_pretrained accepts.
@@ -119,7 +124,6 @@ def _convert_gguf(gguf, target):
         quantization_config=GgufConfig(dequantize=True),
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent)
     try:
         model.save_pretrained(tmp)
