@@ -44,9 +44,15 @@ def _cli(args, capsys):
 
 
 def _error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if " INFO " not in line and " WARNING " not in line]
-    assert len(lines) == 1, err
+    """The one line the CLI says about an error (log lines before it aside): the last line, and
+    the only one that is not a log record."""
+    lines = [line for line in err.strip().splitlines() if not _is_log_line(line)]
+    assert len(lines) == 1 and err.strip().endswith(lines[0]), err
     return lines[0]
+
+
+def _is_log_line(line: str) -> bool:
+    return " INFO " in line or " WARNING " in line or line.startswith("Cholesky of ")  # the retries' warnings
 
 
 def _prune_argv(ck: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
@@ -393,3 +399,36 @@ def test_the_library_refuses_a_cache_folder_it_cannot_make_before_converting(tmp
     with pytest.raises(models.ModelError, match="cache_dir .*cache: cannot make this folder") as error:
         models.resolve_model(None, cache_dir=tmp_path / "cache")
     assert error.value.field == "cache_dir"
+
+
+# --- item 14: a Cholesky that fails even with jitter --------------------------------------------
+
+def _never_positive(monkeypatch):
+    real = torch.linalg.cholesky_ex
+
+    def failing(A, *args, **kwargs):
+        L, info = real(A, *args, **kwargs)
+        return L, torch.ones_like(info)  # "minor 1 not positive", whatever is added
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+
+
+def test_a_cholesky_that_fails_with_jitter_is_a_user_error_naming_damp(monkeypatch):
+    from admm_prune.gpu.solvers.linalg import cholesky
+    from admm_prune.reference.errors import AdmmPruneError
+
+    _never_positive(monkeypatch)
+    with pytest.raises(AdmmPruneError, match=r"Cholesky of 'G~ \+ rho I' failed even with .* added") as error:
+        cholesky(torch.eye(3, dtype=torch.float64), "G~ + rho I")
+    assert error.value.field == "damp"
+
+
+def test_a_cholesky_that_fails_in_a_run_is_one_line_naming_the_layer(tiny_dir, corpus, tmp_path, capsys, monkeypatch):
+    _never_positive(monkeypatch)
+    code, out, err = _cli(_prune_argv(tiny_dir, corpus, tmp_path / "out", "--method", "admm"), capsys)
+    assert code == cli.EXIT_USER_ERROR and out == ""
+    line = _error_line(err)
+    assert line.startswith("admm-prune: error: block 0 self_attn.q_proj, self_attn.k_proj, self_attn.v_proj: Cholesky "
+                           "of 'G~ + rho I' failed even with "), line
+    assert line.endswith("try a larger --damp or --dtype float32"), line
+    assert not (tmp_path / "out").exists()

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from admm_prune.reference import owl_sparsities
+from admm_prune.reference.errors import FactorizationError
 
 from ..checkpoint import models as models_mod
 from .calibration import (
@@ -60,7 +61,10 @@ def prune_group(block, block_idx: int, names: list[str], XtX: torch.Tensor | Non
         else:
             check_finite(XtX, f"block {block_idx} inputs of {names[0]} (Gram matrix)")
             gram = torch.diag(XtX) if XtX.ndim == 1 else XtX
-            results = prune_shared(dense, gram, sparsity, **cfg.engine_solver_kwargs())
+            try:
+                results = prune_shared(dense, gram, sparsity, **cfg.engine_solver_kwargs())
+            except FactorizationError as e:  # the layer it happened in, said once here
+                raise FactorizationError(f"block {block_idx} {', '.join(names)}: {e}") from None
     seconds = (time.perf_counter() - t0) / len(names)
     records = []
     for n, lin, W, res in zip(names, linears, dense, results):
