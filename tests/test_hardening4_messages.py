@@ -432,3 +432,25 @@ def test_a_cholesky_that_fails_in_a_run_is_one_line_naming_the_layer(tiny_dir, c
                            "of 'G~ + rho I' failed even with "), line
     assert line.endswith("try a larger --damp or --dtype float32"), line
     assert not (tmp_path / "out").exists()
+
+
+# --- item 15: --out through a folder that does not exist yet ------------------------------------
+
+def test_an_existing_out_reached_through_a_missing_folder_is_refused_first(tiny_dir, corpus, tmp_path, capsys,
+                                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "keep").write_text("an earlier output")
+    code, out, err = _cli(_prune_argv(tiny_dir, corpus, Path("nosuch/../existing")), capsys)
+    assert code == cli.EXIT_USER_ERROR and out == ""
+    assert _error_line(err) == (f"admm-prune: error: --out nosuch/../existing already exists; pass --overwrite to "
+                                f"replace it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no nosuch/, no staging folder
+    assert [p.name for p in (tmp_path / "existing").iterdir()] == ["keep"]
+
+
+def test_a_new_out_reached_through_a_missing_folder_is_written_there(tiny_dir, corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _cli(_prune_argv(tiny_dir, corpus, Path("nosuch/../new")), capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"] and (tmp_path / "new" / "report.json").is_file()

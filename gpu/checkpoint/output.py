@@ -51,6 +51,8 @@ class OutputPlan:
 
     def __init__(self, out: str, overwrite: bool):
         path = Path(out)
+        if ".." in path.parts:  # as the kernel will see it once missing folders are made: nosuch/../x is x
+            path = Path(os.path.realpath(path)) if path.name == ".." else Path(os.path.realpath(path.parent)) / path.name
         self.out, self.created, self._lock = path, [], None
         if path.is_symlink():
             try:
