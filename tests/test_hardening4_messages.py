@@ -454,3 +454,17 @@ def test_a_new_out_reached_through_a_missing_folder_is_written_there(tiny_dir, c
     code, _, err = _cli(_prune_argv(tiny_dir, corpus, Path("nosuch/../new")), capsys)
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new"] and (tmp_path / "new" / "report.json").is_file()
+
+
+# --- item 18: a reverted reconstruction says so in the log ---------------------------------------
+
+@pytest.mark.parametrize("lr, said", [(10.0, "reverted: 3 steps did not lower the output error"),
+                                      (1e-4, "reconstruction: output error")])
+def test_the_log_says_a_reconstruction_was_reverted(lr, said, tiny_dir, corpus, tmp_path, capsys, caplog):
+    with caplog.at_level(logging.INFO, logger="admm_prune.gpu.engine.pipeline"):
+        code, _, err = _cli(_prune_argv(tiny_dir, corpus, tmp_path / "out", "--reconstruct-steps", "3",
+                                        "--reconstruct-lr", str(lr)), capsys)
+    assert code == 0, err
+    lines = [r.getMessage() for r in caplog.records if "reconstruction" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("block 0 ") and said in lines[0], lines
+    assert ("reverted" in lines[0]) == (lr == 10.0) and ("->" in lines[0]) == (lr != 10.0)

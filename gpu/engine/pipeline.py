@@ -182,8 +182,12 @@ def _reconstruct(block, i: int, recs: list[LinearRecord], inps, dense: DenseStre
     rec = reconstruct_block(block, i, [r.name for r in recs], inps, dense.targets, kwargs, ctx.device,
                             steps=cfg.reconstruct_steps, lr=cfg.reconstruct_lr, batch=cfg.reconstruct_batch,
                             seed=cfg.seed, dist=ctx.dist, out=outs)
-    log.info("block %d reconstruction: output error %.5f -> %.5f (%d steps, %.1f s)", i, rec.error_before,
-             rec.error_after, rec.steps, rec.seconds)
+    if rec.reverted:
+        log.info("block %d reconstruction reverted: %d steps did not lower the output error %.5f; the pruned "
+                 "weights are kept (%.1f s)", i, rec.steps, rec.error_before, rec.seconds)
+    else:
+        log.info("block %d reconstruction: output error %.5f -> %.5f (%d steps, %.1f s)", i, rec.error_before,
+                 rec.error_after, rec.steps, rec.seconds)
     return rec
 
 
