@@ -468,3 +468,25 @@ def test_the_log_says_a_reconstruction_was_reverted(lr, said, tiny_dir, corpus, 
     lines = [r.getMessage() for r in caplog.records if "reconstruction" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("block 0 ") and said in lines[0], lines
     assert ("reverted" in lines[0]) == (lr == 10.0) and ("->" in lines[0]) == (lr != 10.0)
+
+
+# --- item 19: a refused resume says the settings as flags, and "unset" for None -----------------
+
+def test_a_refused_resume_names_the_changed_flag_and_says_unset(tiny_dir, corpus, tmp_path, capsys):
+    from admm_prune.gpu.engine import pipeline
+
+    out = tmp_path / "out"
+
+    def interrupt(block, name, *args):  # block 0 staged
+        if block == 1 and name == "mlp.down_proj":
+            raise KeyboardInterrupt
+
+    cfg = pipeline.PruneConfig(model=str(tiny_dir), calib=str(corpus / "calib.jsonl"), eval=None, nsamples=2,
+                               seqlen=16, device="cpu", progress=False, out=str(out), reconstruct_steps=2)
+    with pytest.raises(pipeline.RunInterrupted):
+        pipeline.run_prune(cfg, callback=interrupt)
+    argv = [a for a in _prune_argv(tiny_dir, corpus, out, "--resume") if a not in ("--num-blocks", "1")]
+    code, _, err = _cli(argv, capsys)
+    assert code == cli.EXIT_USER_ERROR
+    assert _error_line(err) == (f"admm-prune: error: cannot --resume {tmp_path / '.out.staging'}: --reconstruct-batch "
+                                f"was 8, now unset (and 2 more: --reconstruct-lr, --reconstruct-steps)")
