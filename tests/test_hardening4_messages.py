@@ -490,3 +490,36 @@ def test_a_refused_resume_names_the_changed_flag_and_says_unset(tiny_dir, corpus
     assert code == cli.EXIT_USER_ERROR
     assert _error_line(err) == (f"admm-prune: error: cannot --resume {tmp_path / '.out.staging'}: --reconstruct-batch "
                                 f"was 8, now unset (and 2 more: --reconstruct-lr, --reconstruct-steps)")
+
+
+# --- item 20: one seed, a baseline method: the markdown gives the ratio ---------------------------
+
+def _bench_result(seeds, baseline_method):
+    from admm_prune.gpu.bench.bench_report import ratios_to_peer, summarize
+
+    runs = [{"seed": seed, "setting": "0.5", "impl": "admm-prune", "method": m, "perplexity": ppl + seed,
+             "prune_seconds": t, "phase_seconds": None, "peak_memory_gib": None, "mean_layer_error": None,
+             "linear_sparsity": 0.5} for seed in seeds for m, ppl, t in (("wanda", 30.0, 1.0), ("admm-grad", 24.0, 4.0))]
+    return {"config": {"seeds": list(seeds), "dtype": "float32", "seqlen": 16, "calib": "c", "eval_seqlen": 16,
+                       "eval": "e", "baseline_method": baseline_method},
+            "calibration": {str(s): {"nsamples": 2, "mode": "random-window"} for s in seeds}, "model": "m",
+            "device": "cpu", "eval_windows": 3, "dense_perplexity": 20.0, "runs": runs, "skipped": {},
+            "ratios": ratios_to_peer(runs), "summary": summarize(runs, baseline_method)}
+
+
+def test_one_seed_markdown_gives_the_ratio_to_the_baseline_method():
+    from admm_prune.gpu.bench.bench_report import format_markdown
+
+    text = format_markdown(_bench_result((0,), "wanda"))
+    assert "| setting | implementation | method | perplexity | / wanda | prune time (s) | time / base |" in text
+    assert "| 0.5 | admm-prune | admm-grad | 24.000 | 0.800 | 4.0 | 4.00 |" in text
+    assert "±" not in text  # one seed: no spread to show
+    assert "/ wanda" not in format_markdown(_bench_result((0,), None))
+
+
+def test_several_seeds_markdown_keeps_mean_and_std():
+    from admm_prune.gpu.bench.bench_report import format_markdown
+
+    text = format_markdown(_bench_result((0, 1), "wanda"))
+    assert "Mean ± std over 2 calibration seeds" in text
+    assert "| 0.5 | admm-prune | admm-grad | 24.500 ± 0.707 | " in text
