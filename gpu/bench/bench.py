@@ -5,8 +5,9 @@ are the methods'), one evaluation set. For each setting (50/60/70/80 % unstructu
 default) and each method: restore the dense weights, prune, time it, measure peak memory,
 mean layer reconstruction error, perplexity. Peers run on the same windows when installed:
 ``llmcompressor`` (vllm-project/llm-compressor's ``oneshot`` with ``SparseGPTModifier`` and
-``WandaPruningModifier``, the same seven linears per block targeted). Our numbers are also
-reported as ratios to llm-compressor's SparseGPT at the same setting.
+``WandaPruningModifier``; LLaMA's seven projections per block targeted by name, a warning
+where ours prunes others: `peers.peer_linears`). Our numbers are also reported as ratios to
+llm-compressor's SparseGPT at the same setting.
 
 Peak memory is the device's ``max_memory_allocated`` on CUDA; on the CPU it is the peak
 resident set size above the level before the run, sampled every 20 ms (approximate).
@@ -44,7 +45,7 @@ from ..checkpoint.diskspace import writing
 from ..engine.distributed import current
 from ..evaluation.evaluate import linear_sparsity, load_eval_windows, naming, perplexity, prepare_report_out
 from ..checkpoint.lock import prefix_lock
-from .peers import PEER_METHODS, PEERS, llmcompressor_prune, peer_available
+from .peers import PEER_METHODS, PEERS, llmcompressor_prune, peer_available, peer_linears
 from ..engine.pipeline import prune_model
 from .bench_report import format_markdown, ratios_to_peer, summarize
 from ..engine.report import mean_layer_error, phase_totals, versions, write_atomic
@@ -296,6 +297,11 @@ def _bench(cfg: BenchConfig, model, tokenizer) -> dict:
         else:
             log.warning("skipping peer %s: %s", peer, why)
             result["skipped"][peer] = why
+    ours = models_mod.prunable_linears(models_mod.decoder_layers(model)[0])
+    if peers and peer_linears(ours) != ours:
+        log.warning("the peers prune %s of the linears ours prunes in each block (%s): their rows compare "
+                    "different work", ", ".join(peer_linears(ours)) or "none", ", ".join(ours))
+        result["peer_linears"] = peer_linears(ours)
     jobs = [(seed, s, impl, m) for seed in cfg.seeds for s in cfg.settings for impl, m in
             [("admm-prune", m) for m in cfg.methods] + [(p, m) for p in peers for m in cfg.peer_methods]]
     with _partial_on_interrupt(cfg, result, len(jobs)):
