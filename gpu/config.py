@@ -280,6 +280,12 @@ class EvalConfig(ModelOptions):
         if self.eval is None and not self.tasks:
             raise PipelineError("nothing to evaluate: give eval or tasks", field="eval")
 
+    def warn_unused(self):
+        """A warning for each group of settings given but read by nothing in this evaluation."""
+        warn_unused(self, ("eval_split", "eval_windows"), "eval none reads no perplexity data, so nothing reads {it}",
+                    self.eval is not None)
+        warn_unused(self, ("limit", "batch_size"), "only tasks read {it}", bool(self.tasks))
+
 
 #: device types a run can use where this torch build and machine have them (meta holds no data)
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")

@@ -287,3 +287,21 @@ def test_several_seeds_markdown_keeps_mean_and_std():
     text = format_markdown(_bench_result((0, 1), "wanda"))
     assert "Mean ± std over 2 calibration seeds" in text
     assert "| 0.5 | admm-prune | admm-grad | 24.500 ± 0.707 | " in text
+
+
+@pytest.mark.parametrize("extra, warnings", [
+    (["--eval", "none", "--eval-windows", "3"],
+     ["--eval-windows set but unused: --eval none reads no perplexity data, so nothing reads it"]),
+    (["--limit", "5", "--batch-size", "2"], ["--limit and --batch-size set but unused: only --tasks read them"]),
+])
+def test_eval_warns_of_flags_nothing_reads(extra, warnings, tiny_dir, tmp_path, monkeypatch, caplog):
+    from admm_prune.gpu.evaluation import evaluate
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(evaluate, "prepare_report_out", lambda out: (_ for _ in ()).throw(Stop()))
+    tasks = ["--tasks", "rte", "--task-data", str(tmp_path)] if "none" in extra else []
+    with caplog.at_level(logging.WARNING), pytest.raises(Stop):
+        cli.main(["eval", "--model", str(tiny_dir), *tasks, *extra, "--device", "cpu", "--no-progress"])
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == warnings

@@ -125,6 +125,7 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     that can be checked (the report's folder, the task names and files, the baseline's
     existence) is checked before the first forward pass.
     """
+    cfg.warn_unused()
     out = prepare_report_out(cfg.out)
     with prefix_lock(cfg.out, current().main):
         return _run_eval(cfg, out, model, tokenizer)
