@@ -217,8 +217,8 @@ class PruneConfig(EngineOptions, ReconstructOptions, SolverOptions, CalibOptions
         warn_unused(self, ("mask_steps",), f"method {self.method} keeps its first mask, so nothing reads {{it}}",
                     self.spec.mask_steps)
         warn_unused(self, ("polish_damp",), "only polish_iters > 0 reads {it}", self.polish_iters > 0)
-        warn_unused(self, ("eval_split", "eval_seqlen", "eval_windows"), "eval none reads no perplexity data, "
-                                                                          "so nothing reads {it}", self.eval is not None)
+        warn_unused(self, ("eval_split", "eval_seqlen", "eval_windows"),
+                    "eval none reads no perplexity data, so nothing reads {it}", self.eval is not None)
 
     @property
     def measure_errors(self) -> bool:

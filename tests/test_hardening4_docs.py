@@ -78,7 +78,16 @@ def test_the_peers_prune_what_their_docstring_says(arch, peer):
     assert "only ``o_proj`` and ``down_proj``" in " ".join(peers.__doc__.split())
 
 
-def test_bench_warns_where_the_peers_prune_other_linears(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("arch, ignore, warning", [
+    ("phi3", (), "the peers prune self_attn.o_proj, mlp.down_proj in each block, ours self_attn.o_proj, "
+                 "self_attn.qkv_proj, mlp.gate_up_proj, mlp.down_proj: their rows compare different work"),
+    ("llama", ("o_proj",), "the peers prune self_attn.q_proj, self_attn.k_proj, self_attn.v_proj, self_attn.o_proj, "
+                           "mlp.gate_proj, mlp.up_proj, mlp.down_proj in each block, ours self_attn.q_proj, "
+                           "self_attn.k_proj, self_attn.v_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj: their "
+                           "rows compare different work"),
+    ("llama", (), None),
+])
+def test_bench_warns_where_the_peers_prune_other_linears(arch, ignore, warning, tmp_path, monkeypatch, caplog):
     pytest.importorskip("torch")
     import logging
 
@@ -92,13 +101,12 @@ def test_bench_warns_where_the_peers_prune_other_linears(tmp_path, monkeypatch, 
     monkeypatch.setattr(bench, "peer_available", lambda peer: None)
     monkeypatch.setattr(bench, "llmcompressor_prune", lambda *a, **k: (_ for _ in ()).throw(Stop()))
     monkeypatch.setattr(bench, "perplexity", lambda *a, **k: 1.0)
-    model, tok = models.tiny_model("phi3")
+    model, tok = models.tiny_model(arch)
     (tmp_path / "c.txt").write_text(" ".join(f"word{i}" for i in range(3000)))
     cfg = bench.BenchConfig(methods=("wanda",), settings=("0.5",), calib=str(tmp_path / "c.txt"),
                             eval=str(tmp_path / "c.txt"), nsamples=2, seqlen=16, eval_seqlen=16, device="cpu",
-                            progress=False, peer_methods=("wanda",))
+                            progress=False, peer_methods=("wanda",), ignore=ignore)
     with caplog.at_level(logging.WARNING), pytest.raises(Stop):
         bench.run_bench(cfg, model=model, tokenizer=tok)
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == bench.log.name] == [
-        "the peers prune self_attn.o_proj, mlp.down_proj of the linears ours prunes in each block (self_attn.o_proj, "
-        "self_attn.qkv_proj, mlp.gate_up_proj, mlp.down_proj): their rows compare different work"]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == bench.log.name] == (
+        [warning] if warning else [])

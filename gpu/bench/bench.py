@@ -297,11 +297,13 @@ def _bench(cfg: BenchConfig, model, tokenizer) -> dict:
         else:
             log.warning("skipping peer %s: %s", peer, why)
             result["skipped"][peer] = why
-    ours = models_mod.prunable_linears(models_mod.decoder_layers(model)[0])
-    if peers and peer_linears(ours) != ours:
-        log.warning("the peers prune %s of the linears ours prunes in each block (%s): their rows compare "
-                    "different work", ", ".join(peer_linears(ours)) or "none", ", ".join(ours))
-        result["peer_linears"] = peer_linears(ours)
+    block = models_mod.decoder_layers(model)[0]
+    ours = models_mod.prunable_linears(block, cfg.targets, cfg.ignore)
+    theirs = peer_linears(models_mod.prunable_linears(block))
+    if peers and theirs != ours:
+        log.warning("the peers prune %s in each block, ours %s: their rows compare different work",
+                    ", ".join(theirs) or "nothing", ", ".join(ours))
+        result["peer_linears"] = theirs
     jobs = [(seed, s, impl, m) for seed in cfg.seeds for s in cfg.settings for impl, m in
             [("admm-prune", m) for m in cfg.methods] + [(p, m) for p in peers for m in cfg.peer_methods]]
     with _partial_on_interrupt(cfg, result, len(jobs)):
