@@ -23,6 +23,7 @@ import threading
 
 from admm_prune.reference.errors import AdmmPruneError
 
+from . import config as config_mod
 from . import methods
 from .config import EvalConfig, PipelineError, PruneConfig
 
@@ -79,6 +80,31 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def regex_list(text: str) -> tuple[str, ...]:
+    """'o_proj,mlp\\.(gate|up)_proj' -> ('o_proj', 'mlp\\.(gate|up)_proj'): split at the commas outside
+    (), [] and {} (and not escaped), so that a regex's own comma (``pro{1,1}j``, ``[,;]``) stays in it."""
+    items, current, depth, in_class, escaped = [], [], 0, False, False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch in "({":
+            depth += 1
+        elif ch in ")}":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    return tuple(t.strip() for t in [*items, "".join(current)] if t.strip())
+
+
 def byte_size(text: str) -> int:
     """'5GB' -> 5_000_000_000, '2GiB' -> 2 * 2**30, '500MB', '1.5GB', or a plain number of bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?\s*", text, flags=re.IGNORECASE)
@@ -100,7 +126,7 @@ _TYPES = {
     "tuple[str, ...]": _comma_list,
     "tuple[int, ...]": _typed("comma-separated integers", lambda text: tuple(int(t) for t in _comma_list(text))),
 }
-_PARSERS = {"byte_size": byte_size}
+_PARSERS = {"byte_size": byte_size, "regex_list": regex_list}
 
 
 def add_flags(parser: argparse.ArgumentParser, config: type, skip: tuple[str, ...] = ()) -> None:
@@ -163,15 +189,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Config fields that are also everyday words in error messages ("the model's limit of ...").
 _NOT_FLAGS = {"model", "limit"}
+# Quoted text is a value or another library's words, never a field name: 'x', "x" (not model's).
+_QUOTED = re.compile(r"""((?<!\w)'[^']*'(?!\w)|(?<!\w)"[^"]*"(?!\w))""")
 
 
-def flag_names(message: str, parser: argparse.ArgumentParser, field: str | None = None) -> str:
-    """A config error as the command line says it: field names become the flags that set them
-    ("out x exists; pass overwrite" -> "--out x exists; pass --overwrite"); paths are left alone."""
-    flags = {a.dest: max(a.option_strings, key=len) for a in parser._actions
-             if a.option_strings and (a.dest not in _NOT_FLAGS or a.dest == field)}
-    pattern = r"(?<![\w/.\\-])(" + "|".join(sorted(map(re.escape, flags), key=len, reverse=True)) + r")(?![\w/.\\-])"
-    return re.sub(pattern, lambda m: flags[m[1]], message)
+def flag_of(action: argparse.Action) -> str:
+    """The flag that names a setting: its positive form (``--layer-errors``, not
+    ``--no-layer-errors``), else its longest (``--no-progress``)."""
+    positive = [o for o in action.option_strings if not o.startswith("--no-")]
+    return max(positive or action.option_strings, key=len)
+
+
+def flag_names(message: str, parser: argparse.ArgumentParser, field: str | tuple[str, ...] | None = None) -> str:
+    """A library message as the command line says it, in one line: field names become the flags
+    that set them ("out x exists; pass overwrite" -> "--out x exists; pass --overwrite"); paths
+    and quoted text are left alone. `field`: the setting(s) the message is about, named as
+    flags even where the word is an everyday one ("model").
+
+    The one place where a user error (`main`) or an unused-setting warning (`config.warn_unused`,
+    through `FlagNamesFilter`) turns field names into flags."""
+    named = {field} if isinstance(field, str) else set(field or ())
+    flags = {a.dest: flag_of(a) for a in parser._actions
+             if a.option_strings and (a.dest not in _NOT_FLAGS or a.dest in named)}
+    pattern = re.compile(r"(?<![\w/.\\-])(" + "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+                         + r")(?![\w/.\\-])")
+    parts = _QUOTED.split(" ".join(message.split("\n")))
+    return "".join(part if k % 2 else pattern.sub(lambda m: flags[m[1]], part) for k, part in enumerate(parts))
+
+
+class FlagNamesFilter(logging.Filter):
+    """Says the settings of a warning record that names them (``record.fields``, set by
+    `config.warn_unused`) as `parser`'s flags (`flag_names`)."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        super().__init__()
+        self.parser = parser
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = getattr(record, "fields", None)
+        if fields:
+            record.msg, record.args = flag_names(record.getMessage(), self.parser, fields), ()
+        return True
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
 
 
 def _run(command: str, options: dict):
@@ -225,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     options = vars(args)
     command = options.pop("command")
     options.pop("verbose")
+    subparser = _subparser(parser, command)
+    unused_names = FlagNamesFilter(subparser)
+    config_mod.log.addFilter(unused_names)
     dist = None
     try:
         if launched_by_torchrun():  # torchrun --nproc-per-node N -m admm_prune.gpu ...: one rank of N
@@ -235,14 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         with logging_redirect_tqdm(), sigterm_as_sigint():  # log lines above the live progress bars
             result = _run(command, options)
     except AdmmPruneError as e:  # every user error: one line, the fields it names said as flags
-        subparser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
         said = flag_names(str(e), subparser, e.field) if e.field or isinstance(e, PipelineError) else str(e)
-        print(f"admm-prune: error: {said}", file=sys.stderr)
+        print(f"admm-prune: error: {' '.join(said.splitlines())}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as e:  # the pipeline's own interrupts say what is on disk
         print(f"admm-prune: interrupted; {e}" if str(e) else "admm-prune: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        config_mod.log.removeFilter(unused_names)
         if dist is not None:
             finish(dist)
     if dist is None or dist.main:

@@ -10,9 +10,11 @@ user value lives here (the engine below trusts them), and errors name the config
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,6 +26,8 @@ MATMUL_PRECISIONS = ("high", "highest")  # torch's names: TF32 allowed, IEEE flo
 MOE_CALIBRATION = ("routed", "weighted", "all")  # the experts' Grams (checkpoint/weights.py)
 MIN_SEQLEN = 2  # one rule for calibration and evaluation windows: a next-token loss needs two
 MAX_SEED = 2**32 - 1  # numpy's range; the reconstruction seeds torch with seed * 1_000_003 + block
+
+log = logging.getLogger(__name__)
 
 
 class PipelineError(AdmmPruneError):
@@ -44,6 +48,17 @@ def seed_value(name: str, value) -> None:
     are refused, not folded: ``random.Random(-1)`` draws what ``Random(1)`` draws."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
         raise PipelineError(f"{name}: {value!r} is not a seed, an integer in [0, {MAX_SEED}]", field=name)
+
+
+def warn_unused(cfg, fields: tuple[str, ...], why: str, used: bool = False):
+    """One warning line when the settings `fields` of `cfg` differ from their defaults but no
+    part of the run reads them (`used` false); `why` says what would, ``{it}`` standing for
+    "it" or "them". Every unused-setting warning goes through here, on this module's logger:
+    the record names the settings (``record.fields``), which the CLI says as its flags."""
+    changed = tuple(n for n in fields if getattr(cfg, n) != cfg.__dataclass_fields__[n].default)
+    if changed and not used:
+        log.warning("%s set but unused: %s", " and ".join(changed), why.format(it="them" if len(changed) > 1 else "it"),
+                    extra={"fields": changed})
 
 
 def patterns(name: str, value) -> tuple[str, ...]:
@@ -78,6 +93,12 @@ class ModelOptions(Options):
         super().__post_init__()
         if self.dtype is not None and self.dtype not in DTYPES:
             raise PipelineError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}", field="dtype")
+        resolve_device(self.device)  # before any work: a device this machine lacks is a user error
+        if self.cache_dir is not None:
+            folder = Path(self.cache_dir).expanduser()
+            taken = next((p for p in (folder, *folder.parents) if p.exists()), None)
+            if taken is not None and not taken.is_dir():
+                raise PipelineError(f"cache_dir {self.cache_dir}: {taken} is a file, not a folder", field="cache_dir")
 
 
 @dataclass(frozen=True)
@@ -129,11 +150,13 @@ class EngineOptions(Options):
 
     targets: tuple[str, ...] = option((), "prune only the linears of each decoder layer whose name in the layer "
                                           "(self_attn.q_proj, mlp.down_proj, an expert's mlp.experts.3.down_proj, "
-                                          "...) a regular expression finds (re.search), comma-separated (default: "
-                                          "every linear but routers, and every expert)",
-                                      metavar="REGEX,...")
+                                          "...) a regular expression finds (re.search), comma-separated; a comma "
+                                          "inside (), [] or {} belongs to its regex (default: every linear but "
+                                          "routers, and every expert)",
+                                      metavar="REGEX,...", parse="regex_list")
     ignore: tuple[str, ...] = option((), "leave dense the linears whose name one of these regular expressions "
-                                         "finds, comma-separated (e.g. o_proj,down_proj)", metavar="REGEX,...")
+                                         "finds, comma-separated as for --targets (e.g. o_proj,down_proj or "
+                                         "'(o|down)_proj')", metavar="REGEX,...", parse="regex_list")
     true_sequential: bool = option(False, "collect each group's inputs after the groups before it in the "
                                           "block are pruned (o_proj/down_proj see pruned q/k/v, gate/up)")
     num_blocks: int | None = option(None, "prune only the first K blocks (default: all)")
@@ -197,6 +220,18 @@ class PruneConfig(EngineOptions, ReconstructOptions, SolverOptions, CalibOptions
         if self.resume and self.out is None:
             raise PipelineError("resume needs out: the staging folder lives beside it", field="resume")
 
+    def warn_unused(self):
+        """A warning for each group of settings given but read by nothing in this run."""
+        warn_unused(self, ("owl_m", "owl_lambda"), "only sparsity_profile owl reads {it}",
+                    self.sparsity_profile == "owl")
+        warn_unused(self, ("reconstruct_lr", "reconstruct_batch"), "only reconstruct_steps > 0 reads {it}",
+                    self.reconstruct_steps > 0)
+        warn_unused(self, ("mask_steps",), f"method {self.method} keeps its first mask, so nothing reads {{it}}",
+                    self.spec.mask_steps)
+        warn_unused(self, ("polish_damp",), "only polish_iters > 0 reads {it}", self.polish_iters > 0)
+        warn_unused(self, ("eval_split", "eval_seqlen", "eval_windows"),
+                    "eval none reads no perplexity data, so nothing reads {it}", self.eval is not None)
+
     @property
     def measure_errors(self) -> bool:
         """Layer errors need the full Gram: by default only where the method collects it anyway."""
@@ -259,15 +294,36 @@ class EvalConfig(ModelOptions):
         if self.eval is None and not self.tasks:
             raise PipelineError("nothing to evaluate: give eval or tasks", field="eval")
 
+    def warn_unused(self):
+        """A warning for each group of settings given but read by nothing in this evaluation."""
+        warn_unused(self, ("eval_split", "eval_windows"), "eval none reads no perplexity data, so nothing reads {it}",
+                    self.eval is not None)
+        warn_unused(self, ("limit", "batch_size"), "only tasks read {it}", bool(self.tasks))
+
+
+#: device types a run can use where this torch build and machine have them (meta holds no data)
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
 
 def resolve_device(device: str | None) -> torch.device:
-    """The compute device: `device` checked, or cuda when available, else cpu."""
+    """The compute device: `device` checked (a type of `DEVICE_TYPES` that this machine has, an
+    index it has), or cuda when available, else cpu."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError as e:
-        raise PipelineError(f"device {device!r} is not a valid torch device: {e}", field="device") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"device {device!r} requested, but CUDA is not available", field="device")
+    except (RuntimeError, TypeError):
+        raise PipelineError(f"device {device!r} is not one torch knows; e.g. cpu, cuda or cuda:1",
+                            field="device") from None
+    if dev.type not in DEVICE_TYPES:
+        raise PipelineError(f"device {device!r} cannot run a model here; choose one of {', '.join(DEVICE_TYPES)} "
+                            f"(with an index where there are several, e.g. cuda:1)", field="device")
+    backend = getattr(torch, dev.type) if dev.type != "mps" else torch.backends.mps
+    if dev.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise PipelineError(f"device {device!r} requested, but {dev.type.upper()} is not available on this "
+                            f"machine (or in this torch build)", field="device")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if dev.type != "cpu" and dev.index is not None and dev.index >= count:
+        raise PipelineError(f"device {device!r} requested, but this machine has {count} {dev.type.upper()} "
+                            f"{'GPU' if count == 1 else 'GPUs'} (indices from 0)", field="device")
     return dev

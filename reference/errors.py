@@ -14,3 +14,12 @@ class AdmmPruneError(ValueError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+class FactorizationError(AdmmPruneError):
+    """A Gram matrix that no Cholesky factorization accepts, even with damping added on the
+    diagonal (overflowing or degenerate calibration activations). ``field`` is ``damp``: a
+    larger damping, or a wider dtype for the activations, is what a user can change."""
+
+    def __init__(self, message: str, field: str | None = "damp"):
+        super().__init__(message, field)

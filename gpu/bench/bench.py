@@ -5,8 +5,9 @@ are the methods'), one evaluation set. For each setting (50/60/70/80 % unstructu
 default) and each method: restore the dense weights, prune, time it, measure peak memory,
 mean layer reconstruction error, perplexity. Peers run on the same windows when installed:
 ``llmcompressor`` (vllm-project/llm-compressor's ``oneshot`` with ``SparseGPTModifier`` and
-``WandaPruningModifier``, the same seven linears per block targeted). Our numbers are also
-reported as ratios to llm-compressor's SparseGPT at the same setting.
+``WandaPruningModifier``; LLaMA's seven projections per block targeted by name, a warning
+where ours prunes others: `peers.peer_linears`). Our numbers are also reported as ratios to
+llm-compressor's SparseGPT at the same setting.
 
 Peak memory is the device's ``max_memory_allocated`` on CUDA; on the CPU it is the peak
 resident set size above the level before the run, sampled every 20 ms (approximate).
@@ -36,16 +37,16 @@ from admm_prune.reference.options import SolverOptions, option
 from ..data import corpus as data_mod
 from .. import methods as methods_mod
 from ..checkpoint import models as models_mod
-from ..engine.blocks import warn_unused_owl
+from ..checkpoint.adapter import adapter
 from ..config import (
     DTYPES, MIN_SEQLEN, CalibOptions, EngineOptions, ModelOptions, PipelineError, PruneConfig, ReconstructOptions,
-    positive_int, resolve_device, seed_value,
+    positive_int, resolve_device, seed_value, warn_unused,
 )
 from ..checkpoint.diskspace import writing
 from ..engine.distributed import current
-from ..evaluation.evaluate import linear_sparsity, load_eval_windows, perplexity, prepare_report_out
+from ..evaluation.evaluate import linear_sparsity, load_eval_windows, naming, perplexity, prepare_report_out
 from ..checkpoint.lock import prefix_lock
-from .peers import PEER_METHODS, PEERS, llmcompressor_prune, peer_available
+from .peers import PEER_METHODS, PEERS, llmcompressor_prune, peer_available, peer_linears
 from ..engine.pipeline import prune_model
 from .bench_report import format_markdown, ratios_to_peer, summarize
 from ..engine.report import mean_layer_error, phase_totals, versions, write_atomic
@@ -66,7 +67,8 @@ class BenchConfig(SolverOptions, EngineOptions, ReconstructOptions, CalibOptions
 
     methods: tuple[str, ...] = option(("wanda", "sparsegpt", "admm", "admm-grad"),
                                       "comma-separated methods (see the list above); each may carry variants "
-                                      "+owl, +polishK, +itersK (e.g. admm-grad+owl+polish10)")
+                                      "+owl, +polishK, +itersK, +reconstruct[K] (e.g. admm-grad+owl+polish10, "
+                                      "admm-grad+reconstruct16)")
     settings: tuple[str, ...] = option(("0.5", "0.6", "0.7", "0.8", "2:4"),
                                        "comma-separated sparsities and N:M patterns")
     peers: tuple[str, ...] = option(PEERS, "peer implementations run on the same windows when installed "
@@ -76,6 +78,9 @@ class BenchConfig(SolverOptions, EngineOptions, ReconstructOptions, CalibOptions
                                           "once per seed; the tables give mean and std over the seeds")
     baseline_method: str | None = option(None, "a --methods entry: each run's perplexity is also given as a "
                                                "ratio to it, paired per seed (same calibration), then averaged")
+    reconstruct_steps: int = option(0, "Adam steps of the block reconstruction of the +reconstruct variants "
+                                       "(+reconstructK sets its own K); the other runs do not reconstruct",
+                                    metavar="N")
     nsamples: int = option(64, "calibration windows")
     seqlen: int = option(512, "calibration window length in tokens")
     eval: str = option("wikitext2", "perplexity data (wikitext2, c4 or a local file)")
@@ -234,24 +239,42 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None) -> dict:
     ``cfg.model``); returns the results. With ``cfg.out`` they are written after every run to
     OUT.partial.json/.md, and to OUT.json/.md once complete (`_save`); ``OUT.lock`` is held
     meanwhile: one bench per prefix."""
-    warn_unused_owl(cfg, any(parse_variant(m)[1].get("sparsity_profile") == "owl" for m in cfg.methods),
-                    "only +owl variants read")
+    warn_unused_settings(cfg)
     with prefix_lock(cfg.out, current().main):
         return _bench(cfg, model, tokenizer)
+
+
+def warn_unused_settings(cfg: BenchConfig):
+    """A warning for each group of settings that only some variants read, when no variant of
+    `methods` does (`config.warn_unused`)."""
+    variants = [(methods_mod.get(base).spec, overrides) for base, overrides in map(parse_variant, cfg.methods)]
+    warn_unused(cfg, ("owl_m", "owl_lambda"), "only +owl variants read {it}",
+                any(o.get("sparsity_profile") == "owl" for _, o in variants))
+    warn_unused(cfg, ("reconstruct_steps",), "only +reconstruct variants (without their own K) read {it}",
+                any("reconstruct_steps" in o and o["reconstruct_steps"] is None for _, o in variants))
+    warn_unused(cfg, ("reconstruct_lr", "reconstruct_batch"), "only +reconstruct variants read {it}",
+                any("reconstruct_steps" in o for _, o in variants))
+    warn_unused(cfg, ("mask_steps",), "no variant that re-selects its mask without +itersK reads {it}",
+                any(spec.mask_steps and "mask_steps" not in o for spec, o in variants))
+    warn_unused(cfg, ("polish_damp",), "only +polishK variants read {it}",
+                any(o.get("polish_iters", cfg.polish_iters) > 0 for _, o in variants))
 
 
 def _bench(cfg: BenchConfig, model, tokenizer) -> dict:
     device = resolve_device(cfg.device)
     if model is None:
-        model, tokenizer, _ = models_mod.load_model(cfg.model, dtype=DTYPES.get(cfg.dtype), cache_dir=cfg.cache_dir)
+        model, tokenizer, _ = models_mod.load_model(cfg.model, dtype=DTYPES.get(cfg.dtype), cache_dir=cfg.cache_dir,
+                                                   progress=cfg.progress)
     model.eval()
     models_mod.check_seqlen_fits(model, seqlen=cfg.seqlen, eval_seqlen=cfg.eval_seqlen)
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    texts = data_mod.load_texts(cfg.calib, split="train")
-    tokens = data_mod.TokenCache(texts, tokenizer, cfg.seqlen)  # tokenized once, for every seed
-    calibration = {seed: data_mod.sample_calibration(texts, tokenizer, cfg.nsamples, cfg.seqlen, seed, tokens)
-                   for seed in cfg.seeds}
-    windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.eval_seqlen, cfg.eval_windows)
+    with naming("--calib", cfg.calib):
+        texts = data_mod.load_texts(cfg.calib, split="train")
+        tokens = data_mod.TokenCache(texts, tokenizer, cfg.seqlen)  # tokenized once, for every seed
+        calibration = {seed: data_mod.sample_calibration(texts, tokenizer, cfg.nsamples, cfg.seqlen, seed, tokens)
+                       for seed in cfg.seeds}
+    with naming("--eval", cfg.eval, "eval_seqlen"):
+        windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.eval_seqlen, cfg.eval_windows)
     eval_kw = dict(device=cfg.device, progress=cfg.progress)
     result = {"config": asdict(cfg), "versions": versions(), "device": str(device),
               "dtype": str(model.dtype).removeprefix("torch."),
@@ -272,6 +295,13 @@ def _bench(cfg: BenchConfig, model, tokenizer) -> dict:
         else:
             log.warning("skipping peer %s: %s", peer, why)
             result["skipped"][peer] = why
+    block = models_mod.decoder_layers(model)[0]
+    ours = models_mod.prunable_linears(block, cfg.targets, cfg.ignore)
+    theirs = peer_linears(models_mod.prunable_linears(block), adapter(model).block_prefix(0))
+    if peers and theirs != ours:
+        log.warning("the peers prune %s in each block, ours %s: their rows compare different work",
+                    ", ".join(theirs) or "nothing", ", ".join(ours))
+        result["peer_linears"] = theirs
     jobs = [(seed, s, impl, m) for seed in cfg.seeds for s in cfg.settings for impl, m in
             [("admm-prune", m) for m in cfg.methods] + [(p, m) for p in peers for m in cfg.peer_methods]]
     with _partial_on_interrupt(cfg, result, len(jobs)):

@@ -67,20 +67,22 @@ def format_markdown(result: dict) -> str:
         "",
     ]
     summary = result.get("summary") or []
-    if len(seeds) > 1 and summary:
-        base = c.get("baseline_method")
-        lines += [f"Mean ± std over {len(seeds)} calibration seeds"
+    base = c.get("baseline_method")
+    if (len(seeds) > 1 or base) and summary:  # one seed: the table for its ratios to the baseline method
+        lines += [(f"Mean ± std over {len(seeds)} calibration seeds" if len(seeds) > 1 else "One calibration seed")
                   + (f"; ratio to {base} taken per seed (same calibration), then averaged:" if base else ":"), "",
                   "| setting | implementation | method | perplexity | " + (f"/ {base} | " if base else "")
                   + "prune time (s) |" + (" time / base |" if base else ""),
                   "|---|---|---|---:|" + ("---:|" if base else "") + "---:|" + ("---:|" if base else "")]
+        def pm(row, name, spec):  # mean ± std; one seed has no spread to show
+            mean, std = format(row[f"{name}_mean"], spec), format(row[f"{name}_std"], spec)
+            return mean if len(seeds) == 1 else f"{mean} ± {std}"
+
         for r in summary:
-            ratio = (f"{r['ratio_mean']:.3f} ± {r['ratio_std']:.3f} | " if "ratio_mean" in r else
-                     ("— | " if base else ""))
-            time_ratio = (f" {r['time_ratio_mean']:.2f} ± {r['time_ratio_std']:.2f} |" if "time_ratio_mean" in r else
-                          (" — |" if base else ""))
-            lines.append(f"| {r['setting']} | {r['impl']} | {r['method']} | {r['perplexity_mean']:.3f} ± "
-                         f"{r['perplexity_std']:.3f} | {ratio}{r['prune_seconds_mean']:.1f} |{time_ratio}")
+            ratio = f"{pm(r, 'ratio', '.3f')} | " if "ratio_mean" in r else ("— | " if base else "")
+            time_ratio = f" {pm(r, 'time_ratio', '.2f')} |" if "time_ratio_mean" in r else (" — |" if base else "")
+            lines.append(f"| {r['setting']} | {r['impl']} | {r['method']} | {pm(r, 'perplexity', '.3f')} | "
+                         f"{ratio}{r['prune_seconds_mean']:.1f} |{time_ratio}")
         lines += ["", "Each run:", ""]
     lines += [
         "| seed | setting | implementation | method | perplexity | ppl / llmc-SparseGPT | prune time (s) "

@@ -53,7 +53,10 @@ class OutputLock:
         """Lock `path` for this process (`what`: the output it guards, for the message)."""
         path = Path(path)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:  # a symlink is not followed: the lock is the file beside the output, nothing else
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            except OSError as e:
+                raise LockFileError(_cannot(path, what, e), field="out") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -67,10 +70,15 @@ class OutputLock:
             if _same_file(fd, path):  # not a file its last holder removed while we opened it
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
-        return cls(path, fd)
+        lock = cls(path, fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
+        except OSError as e:  # a full disk: no empty lock file left behind
+            lock.release()
+            raise LockFileError(_cannot(path, what, e), field="out") from None
+        return lock
 
     def release(self):
         """Remove the lock file while still holding it, then unlock (closing the descriptor)."""
@@ -81,6 +89,24 @@ class OutputLock:
                 self.path.unlink()
         os.close(self.fd)
         self.fd = None
+
+
+class LockFileError(PipelineError):
+    """The output's lock file cannot be made (full disk, a name too long, a folder in its place)."""
+
+
+def _cannot(path: Path, what: str, error: OSError) -> str:
+    """Why the lock file `path` of `what` cannot be made, in one line."""
+    if error.errno == errno.ENAMETOOLONG:
+        return (f"{what}: the name of its lock file {path.name} ({len(path.name)} characters) is too long for "
+                f"the filesystem; choose a shorter out")
+    if error.errno == errno.EISDIR or path.is_dir():
+        return f"{what}: its lock file {path} is a folder; remove it or choose another out"
+    if error.errno == errno.ELOOP or path.is_symlink():
+        return f"{what}: its lock file {path} is a symlink; remove it or choose another out"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{what}: no room for its lock file {path} (disk, quota or inodes full); free some space"
+    return f"{what}: cannot make its lock file {path} ({error.strerror})"
 
 
 def _same_file(fd: int, path: Path) -> bool:

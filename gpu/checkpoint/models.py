@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from admm_prune.reference.errors import AdmmPruneError
 
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -107,6 +108,11 @@ def _convert_gguf(gguf, target):
     """Dequantize `gguf` to float32 and save model + tokenizer at `target`, atomically."""
     from transformers import GgufConfig
 
+    try:  # before the conversion (20 s): a cache folder that cannot be made is a user error
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ModelError(f"cache_dir {target.parent}: cannot make this folder ({error.strerror})",
+                         field="cache_dir") from None
     logger.info("converting %s to a float32 checkpoint in %s (once)", gguf, target)
     start = time.perf_counter()
     # dequantize=True: plain nn.Linear weights, and a model that save_pretrained accepts.
@@ -117,7 +123,6 @@ def _convert_gguf(gguf, target):
         quantization_config=GgufConfig(dequantize=True),
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent)
     try:
         model.save_pretrained(tmp)
@@ -148,18 +153,35 @@ def checkpoint_dtype(path) -> torch.dtype:
     return dtype if dtype in SAVED_DTYPES else torch.float32
 
 
-def load_model(name_or_path=None, dtype=None, device=None, cache_dir=None):
+@contextlib.contextmanager
+def loading_bar(shown: bool):
+    """transformers' progress bars ("Loading weights") shown or not for the duration; its switch
+    is as before afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on and not shown:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(name_or_path=None, dtype=None, device=None, cache_dir=None, progress=True):
     """Load a decoder-only causal LM and its tokenizer (see `resolve_model` for names).
 
     `dtype`: default the checkpoint's own (`checkpoint_dtype`). `device`: where to move the
-    model; default: where from_pretrained puts it (the CPU). Returns (model in eval mode,
-    tokenizer, info dict).
+    model; default: where from_pretrained puts it (the CPU). `progress`: transformers' loading
+    bar shown. Returns (model in eval mode, tokenizer, info dict).
     """
     start = time.perf_counter()
     path = resolve_model(name_or_path, cache_dir)
     dtype = dtype or checkpoint_dtype(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        with loading_bar(progress):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ModelError(f"could not load a causal LM from {path}: {error}") from None
     layers = decoder_layers(model)

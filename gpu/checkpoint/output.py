@@ -33,7 +33,7 @@ from typing import Callable
 
 from ..config import PipelineError
 from .diskspace import writing
-from .lock import OutputBusy, OutputLock
+from .lock import OutputLock
 from ..engine.report import PruneReport, missing_parents, usual_mode
 from .shards import INDEX, SINGLE, read_header
 from .staging import Staging
@@ -51,6 +51,8 @@ class OutputPlan:
 
     def __init__(self, out: str, overwrite: bool):
         path = Path(out)
+        if ".." in path.parts:  # as the kernel will see it once missing folders are made: nosuch/../x is x
+            path = Path(os.path.realpath(path)) if path.name == ".." else Path(os.path.realpath(path.parent)) / path.name
         self.out, self.created, self._lock = path, [], None
         if path.is_symlink():
             try:
@@ -73,6 +75,7 @@ class OutputPlan:
             self.created = missing_parents(str(path))
         except ValueError as e:
             raise PipelineError(str(e)) from None
+        _check_name_length(out, path)
 
     def make_parents(self):
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +85,7 @@ class OutputPlan:
         self.make_parents()
         try:
             self._lock = OutputLock.take(self.out.parent / f".{self.out.name}.lock", f"out {self.out}")
-        except OutputBusy:
+        except PipelineError:  # busy, or no lock file can be made
             self.remove_created()
             raise
 
@@ -96,6 +99,21 @@ class OutputPlan:
         for p in reversed(self.created):
             with contextlib.suppress(OSError):
                 p.rmdir()
+
+
+def _check_name_length(out: str, path: Path):
+    """The folders and files made beside `path` (staging folder, lock, an old output moved aside)
+    have names the filesystem allows; else a PipelineError naming `out`, before any work."""
+    folder = next(p for p in path.absolute().parents if p.exists())
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = max((f".{path.name}.staging", f".{path.name}.lock", f".{path.name}.old-{os.getpid()}"), key=len)
+    if len(longest) > limit:
+        raise PipelineError(f"out {out}: its name ({len(path.name)} characters) leaves no room for the names made "
+                            f"beside it (such as {longest[:12]}...{longest[-12:]}, {len(longest)} characters; this "
+                            f"filesystem allows {limit}); choose a shorter out", field="out")
 
 
 def extras_writer(model, tokenizer) -> Callable[[Path], None]:

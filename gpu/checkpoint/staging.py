@@ -58,7 +58,13 @@ def _change(key: str, old, new) -> str:
                 return (f"the model's {what} changed since the staged run ({', '.join(files[:3])}"
                         f"{', ...' if len(files) > 3 else ''} in {new.get('path')})")
             return f"the model's {k} was {old.get(k)!r}, now {new.get(k)!r}"
-    return f"{key} was {old!r}, now {new!r}"
+    return f"{key} was {_shown(old)}, now {_shown(new)}"
+
+
+def _shown(value) -> str:
+    """A fingerprinted setting as a message says it: None, or absent (a setting recorded only
+    where it is used, e.g. reconstruct_steps > 0), is "unset"."""
+    return "unset" if value is None else repr(value)
 
 
 def _save(tensors: dict, path: Path) -> None:
@@ -226,3 +232,4 @@ def start_staging(staging: Staging | None, fingerprint: dict, resume: bool, dist
     if isinstance(verdict, PipelineError):
         raise verdict
     return verdict
+

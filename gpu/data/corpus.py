@@ -88,7 +88,7 @@ def load_texts(source, split=None):
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(
-            f"source {str(source)!r} is neither one of {HUB_SOURCES} nor an existing file or directory"
+            f"{str(source)!r} is neither one of {HUB_SOURCES} nor an existing file or directory"
         )
     files = sorted(p for p in path.iterdir() if _is_local_file(p)) if path.is_dir() else [path]
     if not files:
@@ -232,7 +232,9 @@ def _random_windows(cache, nsamples, seqlen, rng):
 def _concatenated_windows(texts, tokenizer, nsamples, seqlen, rng):
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("tokenizer has no eos_token to separate concatenated documents")
+        raise DataError(f"fewer documents than windows are longer than seqlen {seqlen}, and the tokenizer has no "
+                        f"eos token to join shorter ones with; give longer documents, a smaller seqlen, or a "
+                        f"tokenizer with an eos token", field="seqlen")
     order = list(range(len(texts)))
     rng.shuffle(order)
     stream = []
@@ -245,7 +247,7 @@ def _concatenated_windows(texts, tokenizer, nsamples, seqlen, rng):
             break
     count = min(nsamples, len(stream) // seqlen)
     if count == 0:
-        raise DataError(f"texts hold {len(stream)} tokens, fewer than one window of seqlen={seqlen}")
+        raise DataError(f"texts hold {len(stream)} tokens, fewer than one window of seqlen {seqlen}", field="seqlen")
     if count < nsamples:
         logger.warning("texts hold only %d windows of %d tokens; using %d samples", count, seqlen, count)
     return [stream[k * seqlen : (k + 1) * seqlen] for k in range(count)]
@@ -261,7 +263,7 @@ def tokenize_for_perplexity(text, tokenizer, seqlen):
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     nwindows = ids.numel() // seqlen
     if nwindows == 0:
-        raise DataError(f"text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
+        raise DataError(f"text has {ids.numel()} tokens, fewer than one window of seqlen {seqlen}", field="seqlen")
     return ids[: nwindows * seqlen].view(nwindows, seqlen)
 
 

@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from admm_prune.reference import options, owl_sparsities
+from admm_prune.reference import owl_sparsities
+from admm_prune.reference.errors import FactorizationError
 
 from ..checkpoint import models as models_mod
 from ..checkpoint.adapter import adapter
@@ -66,10 +67,13 @@ def prune_group(block, block_idx: int, group: list[Weight], XtX: torch.Tensor | 
             results = [prune_weights(W, sparsity, cfg) for W in dense]
         else:
             check_finite(XtX, f"block {block_idx} inputs of {names[0]} (Gram matrix)")
-            if XtX.ndim == 1:  # column norms only (Wanda): never a d_in x d_in diagonal matrix
-                results = prune_norms(dense, XtX, sparsity, cfg)
-            else:
-                results = prune_shared(dense, XtX, sparsity, **cfg.engine_solver_kwargs())
+            try:
+                if XtX.ndim == 1:  # column norms only (Wanda): never a d_in x d_in diagonal matrix
+                    results = prune_norms(dense, XtX, sparsity, cfg)
+                else:
+                    results = prune_shared(dense, XtX, sparsity, **cfg.engine_solver_kwargs())
+            except FactorizationError as e:  # the layer it happened in, said once here
+                raise FactorizationError(f"block {block_idx} {', '.join(names)}: {e}") from None
     seconds = (time.perf_counter() - t0) / len(names)
     records = []
     for w, W, res in zip(group, dense, results):
@@ -197,9 +201,3 @@ def block_targets(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, ctx: 
     return {"profile": "owl", "m": cfg.owl_m, "lambda": cfg.owl_lambda, "ratios": ratios, "sizes": sizes,
             "targets": [float(t) for t in targets]}
 
-
-def warn_unused_owl(cfg, used: bool, readers: str):
-    """A log warning when owl_m/owl_lambda are set (not their defaults) but no run reads them."""
-    changed = [name for name in ("owl_m", "owl_lambda") if getattr(cfg, name) != options.default(name)]
-    if changed and not used:
-        log.warning("%s set but unused: %s %s", " and ".join(changed), readers, "them" if len(changed) > 1 else "it")

@@ -53,7 +53,7 @@ from admm_prune.reference.errors import AdmmPruneError
 
 from ..data import corpus as data_mod
 from ..checkpoint import models as models_mod
-from .blocks import block_targets, check_finite, check_model, prune_block, warn_unused_owl
+from .blocks import block_targets, check_finite, check_model, prune_block
 from .calibration import capture_block_inputs, release_memory, run_block, visiting
 from ..config import DTYPES, PipelineError, PruneConfig
 from .context import RunContext, this_rank_device
@@ -182,8 +182,12 @@ def _reconstruct(block, i: int, recs: list[LinearRecord], inps, dense: DenseStre
     rec = reconstruct_block(block, i, [r.name for r in recs], inps, dense.targets, kwargs, ctx.device,
                             steps=cfg.reconstruct_steps, lr=cfg.reconstruct_lr, batch=cfg.reconstruct_batch,
                             seed=cfg.seed, dist=ctx.dist, out=outs)
-    log.info("block %d reconstruction: output error %.5f -> %.5f (%d steps, %.1f s)", i, rec.error_before,
-             rec.error_after, rec.steps, rec.seconds)
+    if rec.reverted:
+        log.info("block %d reconstruction reverted: %d steps did not lower the output error %.5f; the pruned "
+                 "weights are kept (%.1f s)", i, rec.steps, rec.error_before, rec.seconds)
+    else:
+        log.info("block %d reconstruction: output error %.5f -> %.5f (%d steps, %.1f s)", i, rec.error_before,
+                 rec.error_after, rec.steps, rec.seconds)
     return rec
 
 
@@ -203,11 +207,11 @@ def run_prune(cfg: PruneConfig, model=None, tokenizer=None, callback: Callable |
     plan = OutputPlan(cfg.out, cfg.overwrite) if cfg.out is not None else None  # checked on every rank
     plan = plan if dist.main else None  # rank 0 alone stages and writes
     _lock_output(plan, dist)
+    cfg.warn_unused()
     source = staging = None
     try:
         with steps("open"):
             ctx, source, tokenizer = _open_source(cfg, model, tokenizer)
-        warn_unused_owl(cfg, cfg.sparsity_profile == "owl", "only sparsity_profile owl reads")
         report = PruneReport(config=asdict(cfg), versions=versions(), model=_model_identity(source, ctx.device))
         report.world_size = ctx.dist.world
         report.matmul_precision = cfg.matmul_precision if ctx.device.type == "cuda" else "highest"  # CPU: IEEE
@@ -311,7 +315,7 @@ def _eval_windows(cfg: PruneConfig, tokenizer, ctx: RunContext, report: PruneRep
     """The perplexity windows (None: no perplexity), counted in the report."""
     if cfg.eval is None:
         return None
-    with naming("--eval", cfg.eval):
+    with naming("--eval", cfg.eval, "eval_seqlen" if cfg.eval_seqlen else "seqlen"):
         windows = load_eval_windows(cfg.eval, cfg.eval_split, tokenizer, cfg.eval_seqlen or cfg.seqlen,
                                     cfg.eval_windows)
     report.perplexity.update(windows=int(windows.shape[0]), seqlen=int(windows.shape[1]))

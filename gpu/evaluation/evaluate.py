@@ -73,17 +73,18 @@ def perplexity(model, windows: torch.Tensor, device=None, offload_activations: b
 
 
 @contextlib.contextmanager
-def naming(flag: str, source: str):
-    """Prefix a data error with the flag and source it concerns (unless it names the file already);
-    an unreachable hub's hint names `flag` too."""
+def naming(flag: str, source: str, seqlen: str = "seqlen"):
+    """Prefix a data error with the flag and source it concerns (just the flag where it names the
+    source already); an unreachable hub's hint names `flag` too. `seqlen`: the setting that gave
+    the window length, said in a window-length error (``eval_seqlen`` where that set it)."""
     try:
         yield
     except data_mod.HubUnreachable as e:
         raise data_mod.HubUnreachable(e.source, e.reason, flag) from None
     except data_mod.DataError as e:
-        if str(source) in str(e):
-            raise
-        raise data_mod.DataError(f"{flag} {source}: {e}") from None
+        message = re.sub(r"\bseqlen\b", seqlen, str(e)) if e.field == "seqlen" else str(e)
+        said = f"{flag} {message}" if str(source) in message else f"{flag} {source}: {message}"
+        raise data_mod.DataError(said, field=seqlen if e.field == "seqlen" else None) from None
 
 
 def load_eval_windows(source: str, split: str, tokenizer, seqlen: int, max_windows: int | None):
@@ -129,6 +130,7 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     that can be checked (the report's folder, the task names and files, the baseline's
     existence) is checked before the first forward pass.
     """
+    cfg.warn_unused()
     out = prepare_report_out(cfg.out)
     with prefix_lock(cfg.out, current().main):
         return _run_eval(cfg, out, model, tokenizer)

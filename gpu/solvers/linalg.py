@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from admm_prune.reference.errors import FactorizationError
+
 log = logging.getLogger("admm_prune.gpu")
 
 
@@ -20,7 +22,8 @@ def cholesky(A: torch.Tensor, what: str, *, upper: bool = False, tries: int = 8)
 
     If the factorization fails (rounding on a nearly singular matrix, typically in float32),
     add 1e-6 * mean(diag A) to the diagonal, ten times more on each retry, and log a
-    warning saying how much was added; raise after `tries` failures.
+    warning saying how much was added; after `tries` failures, a `FactorizationError` (a user
+    error naming ``damp``).
     """
     L, info = torch.linalg.cholesky_ex(A, upper=upper)
     if int(info) == 0:
@@ -35,8 +38,9 @@ def cholesky(A: torch.Tensor, what: str, *, upper: bool = False, tries: int = 8)
         L, info = torch.linalg.cholesky_ex(B, upper=upper)
         if int(info) == 0:
             return L
-    raise ValueError(f"Cholesky of {what} failed even with damping added; the input is not "
-                     "a usable Gram matrix (check it for overflow)")
+    raise FactorizationError(f"Cholesky of '{what}' failed even with {float(jitter):.3g} added to its diagonal; the "
+                             f"Gram matrix is not usable (overflowing or degenerate activations): try a larger damp "
+                             f"or dtype float32")
 
 
 @dataclass(frozen=True)
