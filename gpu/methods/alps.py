@@ -10,7 +10,7 @@ from admm_prune.reference.methods import REGISTRY
 from ..solvers.admm import mask_update, precondition_gram
 from ..solvers.alps import alps_steps
 from ..solvers.polish import polish_steps
-from .admm import _history
+from .admm import device_history
 from .base import MethodImpl, Pruned
 
 
@@ -34,7 +34,7 @@ class ALPS(MethodImpl):
                                     settings.alps_rho, settings.alps_iters, settings.track_objective, reuse=True,
                                     residuals=settings.track_residuals):
                 records.append(state._replace(W=None, Z=None, U=None, M=None))  # keep the scalars only
-            history = _history(records, W0.numel(), W0.device)
+            history = device_history(records, W0.numel(), W0.device)
             M = mask_update(state.W, torch.zeros_like(W0), live, problem.sparsity, settings.pattern, settings.group)
             start = state.W.mul_(M)
         else:

@@ -27,7 +27,7 @@ from admm_prune.reference.checks import check_int, check_positive
 from admm_prune.reference.methods import DEFAULT_DAMP
 from admm_prune.reference.options import DEFAULTS
 
-from .admm import _objective, factorize, mask_update, precondition, u_update, w_update, z_update
+from .admm import device_objective, factorize, mask_update, precondition, u_update, w_update, z_update
 from .checks import check_problem, compute_dtype
 
 
@@ -86,7 +86,7 @@ def alps_steps(
         if residuals:
             primal = torch.linalg.vector_norm(Wk - Z)
             dual = rho * torch.linalg.vector_norm(Z - Z_prev)
-        obj = _objective(Z, W0, G) if track_objective else None
+        obj = device_objective(Z, W0, G) if track_objective else None
         yield _Step(t, Wk, Z, U, M, rho, changed, verdict, kept_t, obj, primal, dual)
         if verdict in ("stop", "settled"):
             return
