@@ -73,7 +73,7 @@ def alps_steps(
     tmp = torch.empty_like(W0) if reuse else None
     factor = factorize(G, rho)
     for t in range(1, iters + 1):
-        Wk = w_update(factor, B, Z, U, rho, out=Wk, work=tmp)
+        Wk = w_update(factor, B, Z, U, rho, out=Wk if reuse else None, work=tmp)
         M = mask_update(Wk, U, live, sparsity, pattern, group, work=tmp)
         Z_prev, Z = Z, z_update(Wk, U, M, out=spare)
         U = u_update(U, Wk, Z, out=U if reuse else None)
