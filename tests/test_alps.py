@@ -201,3 +201,15 @@ def test_cli_prune_and_bench_with_alps(tmp_path, capsys):
     assert sorted((r["method"], r["setting"]) for r in runs) == [
         ("admm-grad", "0.7"), ("admm-grad", "2:4"), ("alps", "0.7"), ("alps", "2:4")]
     assert all(np.isfinite(r["perplexity"]) for r in runs)
+
+
+def test_resume_fingerprint_holds_alps_settings_only_for_alps():
+    """A folder pruned by another method resumes whatever --alps-* says; an ALPS run's does not."""
+    pytest.importorskip("torch")
+    from admm_prune.gpu.config import PruneConfig
+
+    other = PruneConfig(method="admm-grad", eval=None).fingerprint()
+    assert not [k for k in other if k.startswith("alps_")]
+    alps = PruneConfig(method="alps", eval=None).fingerprint()
+    assert alps["alps_rho"] == R.DEFAULTS.alps_rho and alps["alps_iters"] == R.DEFAULTS.alps_iters
+    assert PruneConfig(method="alps", eval=None, alps_iters=7).fingerprint() != alps
