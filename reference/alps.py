@@ -11,8 +11,8 @@ than a fixed mask. ADMM on the splitting W = Z, Z in C, in the paper's order (W 
 
 Z starts at P_C(W0~) (the Wanda mask), U at 0. P_C is not convex, so with a fixed rho the
 support can keep moving; ALPS grows rho by how much the support moved (`support_change`,
-`rho_update`, every `RHO_EVERY` iterations) until it stops moving. U is the scaled dual
-(V / rho in the paper's unscaled V), so a new rho rescales it (`rescale_dual`). At the
+`rho_update`, every `RHO_EVERY` iterations) until it stops moving. U is the scaled dual,
+U = V / rho with V the paper's dual, so a new rho rescales it (`rescale_dual`). At the
 end M = top |W| (the paper projects W) and the weights W * M are finished by K steps of
 preconditioned CG on the support: exactly `polish.polish_iterates` (G~ has a constant
 diagonal, so ALPS's CG on G~ is Jacobi-preconditioned CG on G, the same update, per row).
