@@ -76,10 +76,12 @@ def main(argv=None) -> int:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--blocks", type=int, default=4)
+    p.add_argument("--from-block", type=int, default=0, help="measure blocks from this one on (earlier: captured only)")
     p.add_argument("--settings", default="0.7")
     p.add_argument("--out", default=None, help="path prefix: writes OUT.json")
     args = p.parse_args(argv)
-    layers = smollm2_layers(args.calib, args.nsamples, args.seqlen, args.blocks)
+    layers = [(name, W, XtX) for name, W, XtX in smollm2_layers(args.calib, args.nsamples, args.seqlen, args.blocks)
+              if int(name.split()[1]) >= args.from_block]
     rows, summaries = [], []
     for text in args.settings.split(","):
         part = [measure(name, W, XtX, text) for name, W, XtX in layers]
