@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 import admm_prune.reference as R
 from admm_prune.reference.alps import RHO_EVERY, RHO_MAX, RhoStep
@@ -76,6 +76,7 @@ def test_iterates_follow_the_schedule(backend, seed, sparsity, group, rho):
 @given(seed=st.integers(0, 2**16), d_out=st.integers(1, 8), d_in=st.sampled_from([8, 16, 24, 40]),
        setting=st.sampled_from([0.5, 0.7, "2:4", "1:4", "4:8"]), group=st.sampled_from(["row", "layer"]),
        rho=st.sampled_from([0.1, 1.0]), damp=st.sampled_from([0.0, 0.01, 0.1]), iters=st.integers(1, 60))
+@example(seed=1, d_out=16, d_in=64, setting=0.5, group="row", rho=10.0, damp=0.01, iters=90)  # a restart
 def test_torch_iterates_equal_the_reference(seed, d_out, d_in, setting, group, rho, damp, iters):
     """Tier 1: float64 CPU, the same states (masks, rho, verdicts exactly; W, Z, U to 1e-9)."""
     torch = pytest.importorskip("torch")
@@ -99,6 +100,19 @@ def test_torch_iterates_equal_the_reference(seed, d_out, d_in, setting, group, r
     np.testing.assert_array_equal(r_out.mask.numpy(), r_ref.mask)
     assert np.linalg.norm(r_out.W.numpy() - r_ref.W) <= 1e-9 * np.linalg.norm(r_ref.W)
     assert [h.k for h in r_out.history] == [h.k for h in r_ref.history] == [s.k for s in ref]
+
+
+def test_a_restart_goes_back_to_the_start(backend):
+    """rho = 10 freezes the support near the start; a small move before rho ever grew restarts
+    from Z_0, U = 0 with rho / 5 (this layer shrinks rho at 3, restarts at 6)."""
+    W, XtX, _ = outlier_layer(1, 16, 64)
+    states = list(backend.alps_iterates(W, XtX, 0.5, rho=10.0, iters=90))
+    i = next(j for j, s in enumerate(states) if s.verdict == "restart")
+    after = states[i + 1]
+    assert after.rho == pytest.approx(states[i].rho / 5, rel=1e-15)
+    np.testing.assert_allclose(after.U, after.W - after.Z, rtol=0, atol=1e-12 * np.abs(after.W).max())
+    first = next(backend.alps_iterates(W, XtX, 0.5, rho=after.rho, iters=1))  # the start, at the new rho
+    np.testing.assert_allclose(after.W, first.W, rtol=1e-12, atol=1e-12 * np.abs(first.W).max())
 
 
 # ------------------------------------------------------------------ prune_layer: oracles
