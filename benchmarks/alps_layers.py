@@ -24,10 +24,13 @@ import torch
 import admm_prune.gpu as G
 from polish_layers import smollm2_layers
 
-#: name -> prune_layer keyword arguments
+#: name -> prune_layer keyword arguments (paper_notes/alps_layers.json predates the two
+#: "admm-grad damp 0.01" / "group layer" rows: they were added for the confound check)
 VARIANTS = {
     "admm-grad": dict(method="admm-grad"),
     "admm-grad+polish10": dict(method="admm-grad", polish_iters=10),
+    "admm-grad damp 0.01": dict(method="admm-grad", damp=0.01),
+    "admm-grad group layer": dict(method="admm-grad", group="layer"),
     "alps": dict(method="alps"),
     "alps damp 0.1": dict(method="alps", damp=0.1),
     "alps group layer": dict(method="alps", group="layer"),
