@@ -85,8 +85,8 @@ except ImportError as _error:
     raise ImportError(_message, name=__name__) from None
 
 from admm_prune.reference import (
-    METHODS, DEFAULT_DAMP, DEFAULT_POLISH_DAMP, ADMMState, IterationRecord, PolishRecord,
-    PolishState, PruneResult,
+    METHODS, DEFAULT_DAMP, DEFAULT_POLISH_DAMP, ADMMState, ALPSState, IterationRecord, PolishRecord,
+    PolishState, PruneResult, RhoStep,
 )
 from admm_prune.reference.admm import Preconditioned
 from admm_prune.reference.checks import parse_pattern
@@ -96,6 +96,7 @@ from admm_prune.reference.schedule import cubic_sparsity, prune_count
 from .solvers.admm import (
     admm_iterates, factorize, mask_update, objective, precondition, u_update, w_update, z_update,
 )
+from .solvers.alps import alps_iterates, rescale_dual, rho_update, support_change
 from .solvers.linalg import InverseFactor
 from .solvers.masks import magnitude_scores, select_mask, wanda_scores
 from .solvers.owl import outlier_ratio
@@ -113,6 +114,8 @@ __all__ = [
     "objective", "admm_iterates",
     # the finish on the support (conjugate gradient)
     "cg_step", "polish_iterates",
+    # ALPS: the support from an L0-constrained ADMM with a growing rho
+    "support_change", "rho_update", "rescale_dual", "alps_iterates",
     # OWL per-block sparsity
     "outlier_ratio", "owl_sparsities",
     # baselines and drivers
@@ -120,6 +123,6 @@ __all__ = [
     # oracles
     "masked_lstsq", "reconstruction_error",
     # types and constants
-    "ADMMState", "IterationRecord", "PolishRecord", "PolishState", "PruneResult",
+    "ADMMState", "ALPSState", "RhoStep", "IterationRecord", "PolishRecord", "PolishState", "PruneResult",
     "Preconditioned", "InverseFactor", "METHODS", "DEFAULT_DAMP", "DEFAULT_POLISH_DAMP",
 ]

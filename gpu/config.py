@@ -253,7 +253,8 @@ class PruneConfig(EngineOptions, ReconstructOptions, SolverOptions, CalibOptions
 
     def fingerprint(self) -> dict:
         """The fields that decide the pruned weights: a resumed run must match them all."""
-        keep = [f.name for f in dataclasses.fields(SolverOptions) if not f.name.startswith("owl_")]
+        keep = [f.name for f in dataclasses.fields(SolverOptions) if not f.name.startswith(("owl_", "alps_"))]
+        keep += [f.name for f in dataclasses.fields(SolverOptions) if f.name.startswith("alps_") and self.method == "alps"]
         keep += ["calib", "nsamples", "seqlen", "seed", "dtype", "true_sequential", "num_blocks",
                  "matmul_precision"]
         keep += [k for k in ("targets", "ignore") if getattr(self, k)]  # set only when used: older folders resume

@@ -16,6 +16,7 @@ from .admm import (
     ADMMState, CholeskyFactor, admm_iterates, factorize, mask_update, objective, precondition,
     u_update, w_update, z_update,
 )
+from .alps import ALPSState, RhoStep, alps_iterates, rescale_dual, rho_update, support_change
 from .masks import magnitude_scores, select_mask, wanda_scores
 from .owl import outlier_ratio, owl_sparsities
 from .polish import PolishRecord, PolishState, cg_step, polish_iterates
@@ -35,6 +36,8 @@ __all__ = [
     "objective", "admm_iterates",
     # the finish on the support (conjugate gradient)
     "cg_step", "polish_iterates",
+    # ALPS: the support from an L0-constrained ADMM with a growing rho
+    "support_change", "rho_update", "rescale_dual", "alps_iterates",
     # OWL per-block sparsity
     "outlier_ratio", "owl_sparsities",
     # baselines and drivers
@@ -42,7 +45,7 @@ __all__ = [
     # oracles
     "masked_lstsq", "reconstruction_error",
     # types and constants
-    "ADMMState", "CholeskyFactor", "IterationRecord", "PolishRecord", "PolishState",
+    "ADMMState", "ALPSState", "RhoStep", "CholeskyFactor", "IterationRecord", "PolishRecord", "PolishState",
     "PruneResult", "METHODS", "DEFAULT_DAMP", "DEFAULT_POLISH_DAMP",
     # the settings written once, the registry's entry type, the one error base
     "SolverOptions", "DEFAULTS", "Method", "AdmmPruneError",

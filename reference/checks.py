@@ -12,7 +12,7 @@ from .schedule import prune_count
 from . import methods
 from .errors import AdmmPruneError
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "admm-grad")
+METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "admm-grad", "alps")
 GROUPS = ("row", "layer")
 
 
@@ -194,7 +194,7 @@ def check_finish(method: str, polish_iters, polish_damp):
     check_int("polish_iters", polish_iters, minimum=0)
     if polish_iters and methods.get(method).needs == "weights":
         raise AdmmPruneError("polish_iters needs the inputs' Gram XtX; method='magnitude' reads only "
-                         "the weights (use wanda, sparsegpt, admm or admm-grad)")
+                         "the weights (use wanda, sparsegpt, admm, admm-grad or alps)")
     return None if polish_damp is None else check_positive("polish_damp", polish_damp, allow_zero=True)
 
 
@@ -216,3 +216,10 @@ def check_solver(rho, damp, iters, mask_steps) -> None:
     check_int("mask_steps", mask_steps, minimum=0)
     if mask_steps > iters:
         raise AdmmPruneError(f"mask_steps must be <= iters ({iters}), got {mask_steps}")
+
+
+def check_alps(rho, iters, pcg_iters) -> None:
+    """ALPS's settings: starting rho > 0, iterations >= 1, PCG steps >= 0."""
+    check_positive("alps_rho", rho)
+    check_int("alps_iters", iters, minimum=1)
+    check_int("alps_pcg_iters", pcg_iters, minimum=0)

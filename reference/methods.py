@@ -69,6 +69,11 @@ register(Method("sparsegpt", "gram", 0.01, False, False, "OBS column sweep (Fran
 register(Method("admm", "gram", 0.1, False, True, "Wanda mask once, then the ADMM update (the paper's ADMM1)"))
 register(Method("admm-grad", "gram", 0.1, True, True,
                 "mask re-selected from |W+U| on the cubic schedule, then ADMM (the paper's best)"))
+# ALPS (Meng et al., NeurIPS 2024, arXiv 2406.07831): its code's ridge is 0.01 mean(diag XtX) I;
+# here the same 0.01 in this project's damping, 0.01 diag(XtX) (reference/alps.py says why)
+register(Method("alps", "gram", 0.01, False, True,
+                "support from an L0-constrained ADMM whose rho grows on a schedule, then PCG on it "
+                "(Meng et al.)"))
 
 #: damping used when ``damp=None``: the official ADMM code's 0.1, SparseGPT's own 0.01
 DEFAULT_DAMP = {m.name: m.default_damp for m in REGISTRY.values() if m.default_damp is not None}

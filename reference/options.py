@@ -54,9 +54,15 @@ class SolverOptions(Options):
                                "(official code)", choices=GROUPS)
     rho: float = option(1.0, "ADMM penalty (preconditioned units)")
     damp: float | None = option(None, f"damping lambda (default: {methods.DEFAULT_DAMP['admm']:g} for ADMM, "
-                                      f"{methods.DEFAULT_DAMP['sparsegpt']:g} for SparseGPT)")
+                                      f"{methods.DEFAULT_DAMP['sparsegpt']:g} for SparseGPT, "
+                                      f"{methods.DEFAULT_DAMP['alps']:g} for ALPS)")
     iters: int = option(20, "ADMM iterations")
     mask_steps: int = option(15, "ADMM-Grad mask re-selections, within the first --iters")
+    alps_rho: float = option(0.1, "ALPS: starting penalty rho (then x1.3/1.2/1.1 every 3 iterations as the "
+                                  "support moves, as the paper)")
+    alps_iters: int = option(300, "ALPS: at most this many ADMM iterations (it stops once the support is "
+                                  "stable)")
+    alps_pcg_iters: int = option(10, "ALPS: PCG steps on its final support (the paper's 10)", metavar="K")
     polish_iters: int = option(0, "finish on the final support: K preconditioned CG steps per row after the "
                                   "method (0 keeps the paper's method; see paper_notes/beyond_the_paper.md)",
                                metavar="K")
@@ -82,6 +88,9 @@ class SolverOptions(Options):
         _checked("iters", check_int, "iters", self.iters, minimum=1)
         if spec.mask_steps:
             check_mask_steps(self.mask_steps, self.iters)
+        _checked("alps_rho", check_positive, "alps_rho", self.alps_rho)
+        _checked("alps_iters", check_int, "alps_iters", self.alps_iters, minimum=1)
+        _checked("alps_pcg_iters", check_int, "alps_pcg_iters", self.alps_pcg_iters, minimum=0)
         _checked("polish_iters", check_int, "polish_iters", self.polish_iters, minimum=0)
         if self.polish_iters and spec.needs == "weights":
             raise AdmmPruneError(f"polish_iters needs a method that sees inputs; {self.method} reads only the "
@@ -118,7 +127,7 @@ class SolverOptions(Options):
 
 #: the fields of SolverOptions that ``prune_layer`` takes as keyword arguments
 SOLVER_KWARGS = ("method", "pattern", "group", "rho", "damp", "iters", "mask_steps", "polish_iters",
-                 "polish_damp")
+                 "polish_damp", "alps_rho", "alps_iters", "alps_pcg_iters")
 
 
 

@@ -29,6 +29,7 @@ PLOTS = {
     "07_whole_model": ["07_layer_errors.png"],
     "08_beyond_the_paper": ["08_finish.png", "08_owl_profile.png", "08_owl_model.png"],
     "09_block_reconstruction": ["09_block_errors.png"],
+    "10_alps": ["10_support_paths.png"],
 }
 NEEDS_TORCH = {"06_reference_vs_gpu", "07_whole_model", "08_beyond_the_paper", "09_block_reconstruction"}
 

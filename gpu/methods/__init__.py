@@ -13,6 +13,7 @@ from __future__ import annotations
 from admm_prune.reference import methods as specs
 
 from .admm import ADMM, ADMMGrad
+from .alps import ALPS
 from .base import MethodImpl, Pruned, Settings
 from .magnitude import Magnitude
 from .sparsegpt import SparseGPT
@@ -24,6 +25,7 @@ IMPLEMENTATIONS: dict[str, MethodImpl] = {impl.spec.name: impl for impl in (
     SparseGPT(),
     ADMM(),
     ADMMGrad(),
+    ALPS(),
 )}
 
 

@@ -32,7 +32,7 @@ class ADMM(MethodImpl):
                                 settings.rho, settings.iters, mask_steps, problem.mask,
                                 settings.track_objective, reuse=True, residuals=settings.track_residuals):
             records.append(state._replace(W=None, Z=None, U=None, M=None))  # keep the scalars only
-        history = _history(records, W0.numel(), W0.device)
+        history = device_history(records, W0.numel(), W0.device)
         M = state.M
         W_hat = z_update(state.W, state.U, M).div_(scale[None, :])  # exactly sparse (official code, final Z)
         return Pruned(W_hat, M, history, (G, W0, B))
@@ -42,7 +42,7 @@ class ADMMGrad(ADMM):
     spec = REGISTRY["admm-grad"]
 
 
-def _history(steps, numel: int, device) -> tuple[IterationRecord, ...]:
+def device_history(steps, numel: int, device) -> tuple[IterationRecord, ...]:
     """The steps' device records as IterationRecords, with one host sync for all of them."""
     nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
     cols = [torch.stack([nan if v is None else v.double()

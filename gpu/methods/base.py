@@ -30,6 +30,9 @@ class Settings:
     mask_steps: int
     track_objective: bool
     track_residuals: bool
+    alps_rho: float
+    alps_iters: int
+    alps_pcg_iters: int
 
 
 class Pruned(NamedTuple):

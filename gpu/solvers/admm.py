@@ -137,14 +137,15 @@ def mask_update(
     return select_unchecked(torch.add(W, U, out=work).abs_().mul_(live), sparsity, pattern, group)
 
 
-def _objective(Z: torch.Tensor, W0: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+def device_objective(Z: torch.Tensor, W0: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """`objective` as a 0-dim tensor on the device (no host sync): the solver loops' record."""
     D = Z - W0
     return (D @ G).mul_(D).sum()
 
 
 def objective(Z: torch.Tensor, W0: torch.Tensor, G: torch.Tensor) -> float:
     """tr((Z - W0) G (Z - W0)^T), the damped reconstruction error (any coordinates)."""
-    return float(_objective(Z, W0, G))
+    return float(device_objective(Z, W0, G))
 
 
 class _Step(NamedTuple):
@@ -207,7 +208,7 @@ def admm_steps(
             dual = rho * torch.linalg.vector_norm(torch.sub(Z, Z_prev, out=tmp))
         Wk = w_update(factor, B, Z, U, rho, out=Wk if reuse and Wk is not W0 else None,
                       work=tmp)                                # w-update
-        obj = _objective(Z, W0, G) if track_objective else None
+        obj = device_objective(Z, W0, G) if track_objective else None
         yield _Step(t + 1, Wk, Z, U, M, kept, obj, primal, dual)
         if reuse and Z_prev is not W0:
             spare = Z_prev

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from admm_prune.reference.checks import Problem, check_finish, check_solver
+from admm_prune.reference.checks import Problem, check_alps, check_finish, check_solver
 from admm_prune.reference.errors import AdmmPruneError
 from admm_prune.reference.options import DEFAULTS, SolverOptions
 from admm_prune.reference.prune import DEFAULT_POLISH_DAMP, PolishRecord, PruneResult
@@ -39,13 +39,17 @@ def prune_layer(
     track_objective: bool = True,
     polish_iters: int = DEFAULTS.polish_iters,
     polish_damp: float | None = DEFAULTS.polish_damp,
+    alps_rho: float = DEFAULTS.alps_rho,
+    alps_iters: int = DEFAULTS.alps_iters,
+    alps_pcg_iters: int = DEFAULTS.alps_pcg_iters,
     allow_tf32: bool = False,
     track_residuals: bool = True,
 ) -> PruneResult:
     """W^ = argmin ||X W^T - X W^^T||^2 over W^ = W^ * M, with M chosen by `method`.
 
     As the reference's `prune_layer` (methods, mask, defaults, history, the finish
-    `polish_iters`/`polish_damp` and its records in ``polish``), on W's device. W may be
+    `polish_iters`/`polish_damp` and its records in ``polish``, ALPS's `alps_rho`,
+    `alps_iters`, `alps_pcg_iters`), on W's device. W may be
     fp16/bf16/fp32/fp64; the work is done in float64 if W or XtX is float64, else in
     float32, and the result comes back in W's dtype (mask: bool, same device); a result
     that does not fit W's dtype (fp16 overflows at 65504) raises a ValueError naming W.
@@ -63,8 +67,8 @@ def prune_layer(
     return prune_shared(
         [W], XtX, sparsity, method=method, pattern=pattern, group=group, rho=rho, damp=damp,
         iters=iters, mask_steps=mask_steps, mask=mask, track_objective=track_objective,
-        polish_iters=polish_iters, polish_damp=polish_damp, allow_tf32=allow_tf32,
-        track_residuals=track_residuals,
+        polish_iters=polish_iters, polish_damp=polish_damp, alps_rho=alps_rho, alps_iters=alps_iters,
+        alps_pcg_iters=alps_pcg_iters, allow_tf32=allow_tf32, track_residuals=track_residuals,
     )[0]
 
 
@@ -88,7 +92,8 @@ def prune_weights(W: torch.Tensor, sparsity: float | None, options: SolverOption
     impl = methods.get(options.method)
     if impl.spec.needs != "weights":
         raise AdmmPruneError(f"method {options.method} needs the inputs' {impl.spec.needs}", field="method")
-    settings = methods.Settings(options.pattern, options.group, options.rho, 0.0, options.iters, 0, False, False)
+    settings = methods.Settings(options.pattern, options.group, options.rho, 0.0, options.iters, 0, False, False,
+                                options.alps_rho, options.alps_iters, options.alps_pcg_iters)
     out = impl.prune(Problem(W, None, sparsity, options.nm, None), W.to(compute_dtype(W)), None, settings)
     return PruneResult(check_result(out.W, W.dtype), out.mask)
 
@@ -104,7 +109,8 @@ def prune_norms(Ws: list, norms: torch.Tensor, sparsity: float | None, options: 
     impl = methods.get(options.method)
     if impl.spec.needs != "norms":
         raise AdmmPruneError(f"method {options.method} needs the inputs' {impl.spec.needs}", field="method")
-    settings = methods.Settings(options.pattern, options.group, options.rho, 0.0, options.iters, 0, False, False)
+    settings = methods.Settings(options.pattern, options.group, options.rho, 0.0, options.iters, 0, False, False,
+                                options.alps_rho, options.alps_iters, options.alps_pcg_iters)
     results = []
     for W in Ws:
         out = impl.prune(Problem(W, norms, sparsity, options.nm, None), W.to(compute_dtype(W)), None, settings)
@@ -118,7 +124,8 @@ def _prune_shared(
     group: str = DEFAULTS.group, rho: float = DEFAULTS.rho, damp: float | None = DEFAULTS.damp,
     iters: int = DEFAULTS.iters, mask_steps: int = DEFAULTS.mask_steps, mask=None, track_objective: bool = True,
     polish_iters: int = DEFAULTS.polish_iters, polish_damp: float | None = DEFAULTS.polish_damp,
-    allow_tf32: bool = False, track_residuals: bool = True,
+    alps_rho: float = DEFAULTS.alps_rho, alps_iters: int = DEFAULTS.alps_iters,
+    alps_pcg_iters: int = DEFAULTS.alps_pcg_iters, allow_tf32: bool = False, track_residuals: bool = True,
 ) -> list[PruneResult]:
     impl = methods.get(method)
     problems = []
@@ -127,13 +134,15 @@ def _prune_shared(
                                       group, mask, gram_checked=bool(problems)))
     mask_steps = mask_steps if impl.spec.mask_steps and mask is None else 0  # only ADMM-Grad's are used
     check_solver(rho, 0.0 if damp is None else damp, iters, mask_steps)
+    check_alps(alps_rho, alps_iters, alps_pcg_iters)
     polish_damp = check_finish(method, polish_iters, polish_damp)
     if not problems:
         return []
     damp = (impl.spec.default_damp or 0.0) if damp is None else damp
     if polish_damp is None:
         polish_damp = damp if impl.spec.finish_own_damp else DEFAULT_POLISH_DAMP
-    settings = methods.Settings(pattern, group, rho, damp, iters, mask_steps, track_objective, track_residuals)
+    settings = methods.Settings(pattern, group, rho, damp, iters, mask_steps, track_objective, track_residuals,
+                                alps_rho, alps_iters, alps_pcg_iters)
     shared = {}  # compute dtype -> (the method's prepared state, the finish's (G~, scale, live))
     results = []
     with matmul_precision(problems[0].W.device, allow_tf32):
