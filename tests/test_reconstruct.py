@@ -170,3 +170,37 @@ def test_a_step_size_that_overshoots_keeps_the_pruned_block(corpus):
     assert all(r["reverted"] and r["error_after"] == r["error_before"] for r in report.block_reconstruction)
     params = dict(model.named_parameters())
     assert all(torch.equal(params[k], w) for k, w in pruned.items())
+
+
+RESCALE = {"self_attn.q_proj": 8.0, "self_attn.v_proj": 8.0, "mlp.up_proj": 8.0,
+           "self_attn.k_proj": 1 / 8, "self_attn.o_proj": 1 / 8, "mlp.down_proj": 1 / 8}
+
+
+def _rescaled(model):
+    """q, v, up x 8; k, o, down / 8: each block computes the same function (q.k, o(v), down(act(gate) up))."""
+    with torch.no_grad():
+        for block in model.model.layers:
+            for name, c in RESCALE.items():
+                block.get_submodule(name).weight.mul_(c)
+    return model
+
+
+def test_a_function_preserving_rescale_prunes_and_tunes_the_same(corpus):
+    """The step size follows each weight's scale: the rescaled model's pruned errors are equal and
+    reconstruction lowers every block's output error by the same factor. (An absolute Adam step
+    lowered block 0's error to 0.922 of its value at scale 1 and to 0.811 rescaled, issue 29.)"""
+    (model, tok), (scaled, _) = models.tiny_model("llama", num_hidden_layers=3), models.tiny_model("llama", num_hidden_layers=3)
+    _rescaled(scaled)
+    ids = torch.randint(3, 259, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)  # same function first
+    reports = [pipeline.run_prune(_cfg(corpus, reconstruct_steps=8, reconstruct_lr=2e-2, reconstruct_batch=2),
+                                  model=m, tokenizer=tok) for m in (model, scaled)]
+    plain, rescaled = ([r["error_pruned"] for r in rep.linears] for rep in reports)
+    assert rescaled == pytest.approx(plain, rel=1e-3), "ADMM's pruned layer errors are scale-free"
+    blocks = [rep.block_reconstruction for rep in reports]
+    assert [r["error_before"] for r in blocks[1]] == pytest.approx([r["error_before"] for r in blocks[0]], rel=1e-3)
+    falls = [[r["error_after"] / r["error_before"] for r in b] for b in blocks]
+    assert all(f < 0.99 for f in falls[0]), falls  # the tuning does something here
+    assert falls[1] == pytest.approx(falls[0], rel=0.02), falls
+    assert all(r["lr_mode"] == "relative" for b in blocks for r in b)

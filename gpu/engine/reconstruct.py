@@ -10,7 +10,12 @@ next: the block's output error. Here, after a block is pruned,
 where H_i is the pruned model's input to block i (the tuned blocks before it) and D_{i+1} the
 dense model's hidden state after block i, on the same calibration windows (`DenseStream`).
 Adam on minibatches of windows; the pruned entries stay exactly zero (their gradients are
-masked and the weights multiplied by the mask after every step). Every rank uses its own
+masked and the weights multiplied by the mask after every step).
+
+The step size is relative to each linear's scale: Adam runs on W / s, s = rms(W^ on its kept
+entries), at the step size lr, so every weight moves by about lr x s per step. A rescale that
+leaves the block's function alone (q, v, up x c; k, o, down / c) then tunes the same way: the
+gradient of W / s and s itself do not change with c (`step_scale`). Every rank uses its own
 windows and the gradients are summed over the ranks, so every rank takes the same step.
 
 Plumbing, not math: it runs a module forward and backward. The engine calls it between the
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import RECONSTRUCT_LR_MODE
 from .calibration import block_output, run_block
 from .distributed import Dist
 
@@ -40,6 +46,13 @@ class ReconstructionRecord:
     steps: int
     seconds: float
     reverted: bool = False  # the tuning did not lower the error: the pruned weights were kept
+    lr_mode: str = RECONSTRUCT_LR_MODE  # each linear's step: lr x step_scale(W^)
+
+
+def step_scale(W: torch.Tensor) -> float:
+    """s = sqrt(sum W^2 / nnz(W)): the root mean square of a pruned weight's kept entries (0 if none)."""
+    kept = int(torch.count_nonzero(W))
+    return float(W.detach().double().square().sum().div(max(kept, 1)).sqrt())
 
 
 class DenseStream:
@@ -77,8 +90,12 @@ def output_error(block, inps: torch.Tensor, targets: torch.Tensor, kwargs: dict,
 def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, targets: torch.Tensor,
                       kwargs: dict, device, *, steps: int, lr: float, batch: int, seed: int,
                       dist: Dist = Dist(), out: torch.Tensor | None = None) -> ReconstructionRecord:
-    """Tune the weights of the linears `names` of `block` (pruned, on `device`) in place, masks
-    fixed, for `steps` Adam steps of `batch` windows each (per rank), towards `targets`.
+    """W <- W - lr s Adam(s grad W), s = step_scale(W), masks fixed: Adam on W / s.
+
+    Tunes the weights of the linears `names` of `block` (pruned, on `device`) in place for
+    `steps` Adam steps of `batch` windows each (per rank), towards `targets`; `lr` is relative
+    to each linear's scale s (its kept entries' root mean square), so each weight moves by
+    about lr x s per step.
 
     The weights are tuned in float32 (a half-precision block is lifted for the tuning and cast
     back); everything else in the block stays frozen. If the tuned block's output error is not
@@ -93,8 +110,9 @@ def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, t
     weights = [block.get_submodule(n).weight for n in names]
     masks = [(w != 0) for w in weights]
     start = [w.detach().clone() for w in weights]
-    with _trainable(block, weights, dtype):
-        opt = torch.optim.Adam(weights, lr=lr)
+    scales = [step_scale(w) for w in weights]
+    with _trainable(block, weights, dtype):  # Adam on W / s: its gradient s grad W, its step lr s in W
+        opt = torch.optim.Adam([{"params": [w], "lr": lr * s} for w, s in zip(weights, scales)])
         gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
         n = inps.shape[0]
         for _ in range(steps):
@@ -104,8 +122,8 @@ def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, t
                 y = block_output(block(inps[j:j + 1].to(device).float(), **kwargs))
                 loss = (y - targets[j:j + 1].to(device).float()).square().mean() / len(picks)
                 loss.backward()
-            for w, m in zip(weights, masks):
-                dist.sum_(w.grad).div_(dist.world).mul_(m)
+            for w, m, s in zip(weights, masks, scales):
+                dist.sum_(w.grad).div_(dist.world).mul_(m).mul_(s)
             opt.step()
             with torch.no_grad():
                 for w, m in zip(weights, masks):
