@@ -47,6 +47,7 @@ from ..checkpoint.lock import prefix_lock
 from .peers import PEER_METHODS, PEERS, llmcompressor_prune, peer_available
 from ..engine.pipeline import prune_model
 from .bench_report import format_markdown, ratios_to_peer, summarize
+from .plot import plot_bench
 from ..engine.report import mean_layer_error, phase_totals, versions, write_atomic
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ class BenchConfig(ReconstructOptions, SolverOptions, CalibOptions, ModelOptions)
     eval_split: str = option("validation", "split of a hub evaluation dataset")
     eval_seqlen: int = option(2048, "perplexity window length in tokens")
     eval_windows: int | None = option(None, "at most this many perplexity windows (default: all)")
-    out: str | None = option(None, "path prefix: writes OUT.md and OUT.json")
+    out: str | None = option(None, "path prefix: writes OUT.md, OUT.json and OUT.png (perplexity against "
+                                   "sparsity; needs matplotlib)")
 
     def __post_init__(self):
         # SolverOptions' own checks would judge `method` (a default no run uses): each variant's
@@ -321,4 +323,6 @@ def _save(result: dict, cfg: BenchConfig) -> dict:
             write_atomic(Path(cfg.out + ".json"), json.dumps(result, indent=2, default=str))
         with writing(cfg.out + ".md"):
             write_atomic(Path(cfg.out + ".md"), result["markdown"])
+        with writing(cfg.out + ".png"):
+            plot_bench(result, Path(cfg.out + ".png"))
     return result

@@ -4,9 +4,9 @@ at the end (`assemble`, then `publish`), cleaned up after a failure (`after_fail
 Assembly groups the staged files into shards of at most ``max_shard_size`` bytes (a shard
 made of one file is a hard link; several are concatenated byte for byte, so memory stays
 flat; ``shard_per_block`` makes every staged file a shard, all links) and adds the index,
-config, generation config and tokenizer. Publishing adds the report and renames the folder
-onto ``--out`` (an old ``--out`` is moved aside first and removed only after the new one is
-in place; SIGINT is held off for those two renames).
+config, generation config and tokenizer. Publishing adds the report and the model card
+(`card.py`) and renames the folder onto ``--out`` (an old ``--out`` is moved aside first and
+removed only after the new one is in place; SIGINT is held off for those two renames).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import PipelineError
+from .card import model_card
 from .lock import OutputBusy, OutputLock
 from ..engine.report import PruneReport, missing_parents, usual_mode
 from .shards import INDEX, SINGLE, read_header
@@ -128,13 +129,14 @@ def assemble(staging: Staging, max_shard_size: int, write_extras: Callable[[Path
 
 
 def publish(staging: Staging, final: Path, overwrite: bool, report: PruneReport) -> bool:
-    """Write report.json into `final` (what `assemble` made), rename it onto ``staging.out``,
-    then remove the staging folder.
+    """Write report.json and the model card (README.md, `card.model_card`) into `final` (what
+    `assemble` made), rename it onto ``staging.out``, then remove the staging folder.
 
     Returns whether a SIGINT came while the output was being swapped in (it was held
     off: the output is complete either way)."""
     out = staging.out
     (final / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
+    (final / "README.md").write_text(model_card(report))
     for path in [final, *final.iterdir()]:
         path.chmod(usual_mode(path.is_dir()))
     with _sigint_held() as caught:
