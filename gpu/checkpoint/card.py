@@ -106,11 +106,12 @@ def model_card(report) -> str:
         ("dtype", model.get("dtype", "-")),
     ]
     if "pruned" in ppl:
+        split = "" if Path(cfg["eval"]).expanduser().exists() else f"{cfg['eval_split']} split, "  # a hub dataset's
         rows.append(("perplexity", f"dense {ppl['dense']:.3f}, pruned **{ppl['pruned']:.3f}** on {cfg['eval']} "
-                                   f"({cfg['eval_split']} split, {ppl['windows']} windows of {ppl['seqlen']} tokens)"))
+                                   f"({split}{ppl['windows']} windows of {ppl['seqlen']} tokens)"))
     versions = report.versions
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
-             f"# {base or 'model'} pruned with admm-prune ({method}, {target})", "",
+             f"# {base or Path(model.get('path') or 'model').name} pruned with admm-prune ({method}, {target})", "",
              "One-shot pruning, no training: the pruned linears' weights were set to zero by the method "
              "below and the kept ones updated on the calibration windows. The zeros are stored as "
              "ordinary dense tensors; the checkpoint loads with `transformers` as the base model does.", "",
