@@ -204,3 +204,32 @@ def test_a_function_preserving_rescale_prunes_and_tunes_the_same(corpus):
     assert all(f < 0.99 for f in falls[0]), falls  # the tuning does something here
     assert falls[1] == pytest.approx(falls[0], rel=0.02), falls
     assert all(r["lr_mode"] == "relative" for b in blocks for r in b)
+
+
+def test_the_check_costs_a_forward_of_the_check_windows_only():
+    """Forwards of one reconstruction: the check windows before the tuning, steps x batch with
+    gradients, then every window once (the next block's inputs, the error after on the check
+    windows), not a full error pass before the tuning as well."""
+    from admm_prune.gpu.engine.calibration import run_block
+    from admm_prune.gpu.engine.reconstruct import CHECK_WINDOWS
+
+    model, _ = models.tiny_model("llama", num_hidden_layers=1)
+    block = model.model.layers[0]
+    n, steps, batch = CHECK_WINDOWS + 12, 3, 2
+    x = torch.randn(n, 16, 64, generator=torch.Generator().manual_seed(1))
+    kwargs = {"position_embeddings": model.model.rotary_emb(x, torch.arange(16)[None]), "attention_mask": None}
+    dense = DenseStream(x, "cpu")
+    dense.advance(block, kwargs)
+    with torch.no_grad():
+        block.mlp.up_proj.weight.mul_(torch.rand_like(block.mlp.up_proj.weight) > 0.5)
+    calls = []
+    handle = block.register_forward_pre_hook(lambda *a: calls.append(torch.is_grad_enabled()))
+    out = torch.empty_like(x)
+    rec = reconstruct_block(block, 0, ["mlp.up_proj"], x, dense.targets, kwargs, "cpu", steps=steps, lr=1e-2,
+                            batch=batch, seed=0, out=out)
+    handle.remove()
+    assert not rec.reverted and rec.error_after < rec.error_before
+    assert len(calls) == CHECK_WINDOWS + steps * batch + n and sum(calls) == steps * batch
+    assert rec.error_after == pytest.approx(output_error(block, x[:CHECK_WINDOWS], dense.targets[:CHECK_WINDOWS],
+                                                         kwargs, "cpu", pipeline.current()), rel=1e-12)
+    torch.testing.assert_close(out, run_block(block, x, kwargs, "cpu"), rtol=0, atol=0)  # the tuned block's outputs

@@ -18,6 +18,11 @@ leaves the block's function alone (q, v, up x c; k, o, down / c) then tunes the 
 gradient of W / s and s itself do not change with c (`step_scale`). Every rank uses its own
 windows and the gradients are summed over the ranks, so every rank takes the same step.
 
+The tuning is kept only where it lowers the output error on the first `CHECK_WINDOWS` windows
+(per rank): the forward that makes the next block's inputs measures the error after the
+tuning on them for free, so the check costs one extra forward of those windows (before the
+tuning), not of all of them.
+
 Plumbing, not math: it runs a module forward and backward. The engine calls it between the
 prune and the next block's forward (`pipeline.prune_model`).
 """
@@ -38,7 +43,8 @@ from .distributed import Dist
 @dataclass(frozen=True)
 class ReconstructionRecord:
     """One block's reconstruction: relative output errors sum ||Y^ - D||^2 / sum ||D||^2 over
-    every calibration window, before and after the tuning, and its cost."""
+    the check windows (the first `CHECK_WINDOWS` of each rank), before and after the tuning,
+    and its cost."""
 
     block: int
     error_before: float
@@ -47,6 +53,9 @@ class ReconstructionRecord:
     seconds: float
     reverted: bool = False  # the tuning did not lower the error: the pruned weights were kept
     lr_mode: str = RECONSTRUCT_LR_MODE  # each linear's step: lr x step_scale(W^)
+
+
+CHECK_WINDOWS = 8  # per rank: the windows on which the tuning must lower the block's output error
 
 
 def step_scale(W: torch.Tensor) -> float:
@@ -71,15 +80,19 @@ class DenseStream:
 
 @torch.no_grad()
 def output_error(block, inps: torch.Tensor, targets: torch.Tensor, kwargs: dict, device, dist: Dist,
-                 out: torch.Tensor | None = None) -> float:
-    """sum ||block(X) - D||^2 / sum ||D||^2 over every window (summed over the ranks); the
-    block's outputs are also written into `out` when given (the next block's inputs)."""
+                 out: torch.Tensor | None = None, counted: int | None = None) -> float:
+    """sum ||block(X_j) - D_j||^2 / sum ||D_j||^2 over the first `counted` windows j (default
+    all; summed over the ranks). With `out`, every window is run and its outputs written there
+    (the next block's inputs); without, only the counted ones."""
+    counted = inps.shape[0] if counted is None else min(counted, inps.shape[0])
     num = torch.zeros((), dtype=torch.float64, device=device)
     den = torch.zeros((), dtype=torch.float64, device=device)
-    for i in range(inps.shape[0]):
+    for i in range(inps.shape[0] if out is not None else counted):
         y = block_output(block(inps[i:i + 1].to(device), **kwargs))
         if out is not None:
             out[i:i + 1] = y.to(out.device)
+        if i >= counted:
+            continue
         d = targets[i:i + 1].to(device).double()
         num += (y.double() - d).square().sum()
         den += d.square().sum()
@@ -98,14 +111,15 @@ def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, t
     about lr x s per step.
 
     The weights are tuned in float32 (a half-precision block is lifted for the tuning and cast
-    back); everything else in the block stays frozen. If the tuned block's output error is not
-    below the pruned block's (a step size too large for this block), the pruned weights are put
+    back); everything else in the block stays frozen. If the tuned block's output error on the
+    check windows is not below the pruned block's (a step size too large for this block), the
+    pruned weights are put
     back and the record says ``reverted``. The minibatches are drawn from
     ``torch.Generator`` seeded by (`seed`, `index`): the same windows every run. `out`: where
     the final block's outputs on `inps` go (the next block's inputs: the forward that measures
     the error after the tuning makes them too)."""
     t0 = time.perf_counter()
-    before = output_error(block, inps, targets, kwargs, device, dist)
+    before = output_error(block, inps, targets, kwargs, device, dist, counted=CHECK_WINDOWS)
     dtype = next(block.parameters()).dtype
     weights = [block.get_submodule(n).weight for n in names]
     masks = [(w != 0) for w in weights]
@@ -128,13 +142,13 @@ def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, t
             with torch.no_grad():
                 for w, m in zip(weights, masks):
                     w.mul_(m)  # pruned entries exactly zero, whatever the optimizer did
-    after = output_error(block, inps, targets, kwargs, device, dist, out)
+    after = output_error(block, inps, targets, kwargs, device, dist, out, CHECK_WINDOWS)
     reverted = not after < before  # too large a step size overshoots: never hand on a worse block
     if reverted:
         with torch.no_grad():
             for w, w0 in zip(weights, start):
                 w.copy_(w0)
-        after = output_error(block, inps, targets, kwargs, device, dist, out)
+        after = output_error(block, inps, targets, kwargs, device, dist, out, CHECK_WINDOWS)
     return ReconstructionRecord(index, before, after, steps, time.perf_counter() - t0, reverted)
 
 
