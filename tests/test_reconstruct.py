@@ -148,7 +148,7 @@ def test_bench_variant_and_cli_flags(corpus, tmp_path):
     assert tuned["block_output_error"]["after"] < tuned["block_output_error"]["before"]
     counts = tuned["block_output_error"]
     assert counts["blocks"] == model.config.num_hidden_layers and counts["lowered"] + counts["reverted"] == counts["blocks"]
-    assert tuned["phase_seconds"]["reconstruct"] > 0
+    assert tuned["phase_seconds"]["reconstruct"] > 0 and counts["lr_mode"] == "relative"
     with pytest.raises(AdmmPruneError, match="reconstruct_steps"):
         bench.BenchConfig(methods=("admm-grad+reconstruct",))
     args = cli.build_parser().parse_args(["prune", "--reconstruct-steps", "64", "--reconstruct-lr", "1e-4"])

@@ -305,7 +305,8 @@ def _bench(cfg: BenchConfig, model, tokenizer) -> dict:
                                        "after": mean_layer_error(r["error_after"] for r in recon),
                                        "blocks": len(recon), "lowered": sum(r["error_after"] < r["error_before"]
                                                                             for r in recon),
-                                       "reverted": sum(bool(r["reverted"]) for r in recon)} if recon else None),
+                                       "reverted": sum(bool(r["reverted"]) for r in recon),
+                                       "lr_mode": recon[0]["lr_mode"]} if recon else None),
                "perplexity": perplexity(model, windows, desc=f"{impl} {method} {setting} seed {seed}", **eval_kw)}
         log.info("%s", run)
         result["runs"].append(run)
