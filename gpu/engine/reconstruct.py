@@ -113,11 +113,10 @@ def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, t
     The weights are tuned in float32 (a half-precision block is lifted for the tuning and cast
     back); everything else in the block stays frozen. If the tuned block's output error on the
     check windows is not below the pruned block's (a step size too large for this block), the
-    pruned weights are put
-    back and the record says ``reverted``. The minibatches are drawn from
-    ``torch.Generator`` seeded by (`seed`, `index`): the same windows every run. `out`: where
-    the final block's outputs on `inps` go (the next block's inputs: the forward that measures
-    the error after the tuning makes them too)."""
+    pruned weights are put back and the record says ``reverted``. The minibatches are drawn
+    from ``torch.Generator`` seeded by (`seed`, `index`): the same windows every run. `out`:
+    where the final block's outputs on `inps` go (the next block's inputs: the forward that
+    measures the error after the tuning makes them too)."""
     t0 = time.perf_counter()
     before = output_error(block, inps, targets, kwargs, device, dist, counted=CHECK_WINDOWS)
     dtype = next(block.parameters()).dtype
