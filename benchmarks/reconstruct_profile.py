@@ -79,7 +79,7 @@ def main(argv=None) -> int:
 
     timed("dense stream forward (all windows)", lambda: run_block(block, inps, kw, device))
     dense.advance(block, kw)
-    timed("prune: Grams + solve", lambda: prune_block(block, args.block, inps, kw, cfg, args.sparsity, device),
+    timed("prune_block: Gram forward, Grams, solve", lambda: prune_block(block, args.block, inps, kw, cfg, args.sparsity, device),
           lambda: block.load_state_dict(dense_state))
     pruned = {k: v.clone() for k, v in block.state_dict().items()}
     timed("next inputs forward (all windows)", lambda: run_block(block, inps, kw, device))
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
           lambda: reconstruct_block(block, args.block, names, inps, dense.targets, kw, device, steps=args.steps,
                                     lr=args.lr, batch=args.batch, seed=0, out=out),
           lambda: block.load_state_dict(pruned))
-    base = rows["prune: Grams + solve"] + rows["next inputs forward (all windows)"]
+    base = rows["prune_block: Gram forward, Grams, solve"] + rows["next inputs forward (all windows)"]
     extra = (rows["dense stream forward (all windows)"] + rows[f"reconstruct_block ({args.steps} steps x "
                                                                    f"{args.batch} windows, all passes)"]
              - rows["next inputs forward (all windows)"])
