@@ -121,6 +121,9 @@ class CalibOptions(Options):
         seed_value("seed", self.seed)
 
 
+RECONSTRUCT_LR_MODE = "relative"  # reconstruct_lr is a fraction of each weight's scale (engine/reconstruct.py)
+
+
 @dataclass(frozen=True)
 class ReconstructOptions(Options):
     """Block reconstruction after pruning (`reconstruct.py`): off unless steps > 0."""
@@ -128,9 +131,10 @@ class ReconstructOptions(Options):
     reconstruct_steps: int = option(0, "after each block is pruned, tune its kept weights (masks fixed) for N Adam "
                                        "steps towards the dense model's block outputs (0: off, the paper's method)",
                                     metavar="N")
-    reconstruct_lr: float = option(1e-4, "Adam's learning rate of the block reconstruction (for few steps it wants "
-                                         "more: 16 steps of 2 windows at 3e-3 were chosen on SmolLM2-135M, "
-                                         "paper_notes/beyond_the_paper.md)")
+    reconstruct_lr: float = option(1e-2, "the block reconstruction's Adam step size, relative to each pruned "
+                                         "weight's scale (each weight moves by about LR x the root mean square "
+                                         "of its linear's kept weights per step; the same on any model size); "
+                                         "chosen on SmolLM2-135M, paper_notes/beyond_the_paper.md")
     reconstruct_batch: int = option(8, "calibration windows per reconstruction step (per rank)")
 
     def __post_init__(self):
@@ -263,7 +267,8 @@ class PruneConfig(EngineOptions, ReconstructOptions, SolverOptions, CalibOptions
         if self.reconstruct_steps:
             keep += [f.name for f in dataclasses.fields(ReconstructOptions)]
         owl = ["owl_m", "owl_lambda"] if self.sparsity_profile == "owl" else []
-        return {k: getattr(self, k) for k in keep + owl}
+        mode = {"reconstruct_lr_mode": RECONSTRUCT_LR_MODE} if self.reconstruct_steps else {}  # absolute before
+        return {**{k: getattr(self, k) for k in keep + owl}, **mode}
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,7 @@ def test_bench_variant_and_cli_flags(corpus, tmp_path):
     assert tuned["block_output_error"]["after"] < tuned["block_output_error"]["before"]
     counts = tuned["block_output_error"]
     assert counts["blocks"] == model.config.num_hidden_layers and counts["lowered"] + counts["reverted"] == counts["blocks"]
-    assert tuned["phase_seconds"]["reconstruct"] > 0
+    assert tuned["phase_seconds"]["reconstruct"] > 0 and counts["lr_mode"] == "relative"
     with pytest.raises(AdmmPruneError, match="reconstruct_steps"):
         bench.BenchConfig(methods=("admm-grad+reconstruct",))
     args = cli.build_parser().parse_args(["prune", "--reconstruct-steps", "64", "--reconstruct-lr", "1e-4"])
@@ -170,3 +170,66 @@ def test_a_step_size_that_overshoots_keeps_the_pruned_block(corpus):
     assert all(r["reverted"] and r["error_after"] == r["error_before"] for r in report.block_reconstruction)
     params = dict(model.named_parameters())
     assert all(torch.equal(params[k], w) for k, w in pruned.items())
+
+
+RESCALE = {"self_attn.q_proj": 8.0, "self_attn.v_proj": 8.0, "mlp.up_proj": 8.0,
+           "self_attn.k_proj": 1 / 8, "self_attn.o_proj": 1 / 8, "mlp.down_proj": 1 / 8}
+
+
+def _rescaled(model):
+    """q, v, up x 8; k, o, down / 8: each block computes the same function (q.k, o(v), down(act(gate) up))."""
+    with torch.no_grad():
+        for block in model.model.layers:
+            for name, c in RESCALE.items():
+                block.get_submodule(name).weight.mul_(c)
+    return model
+
+
+def test_a_function_preserving_rescale_prunes_and_tunes_the_same(corpus):
+    """The step size follows each weight's scale: the rescaled model's pruned errors are equal and
+    reconstruction lowers every block's output error by the same factor. (An absolute Adam step
+    lowered block 0's error to 0.922 of its value at scale 1 and to 0.811 rescaled, issue 29.)"""
+    (model, tok), (scaled, _) = models.tiny_model("llama", num_hidden_layers=3), models.tiny_model("llama", num_hidden_layers=3)
+    _rescaled(scaled)
+    ids = torch.randint(3, 259, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)  # same function first
+    reports = [pipeline.run_prune(_cfg(corpus, reconstruct_steps=8, reconstruct_lr=2e-2, reconstruct_batch=2),
+                                  model=m, tokenizer=tok) for m in (model, scaled)]
+    plain, rescaled = ([r["error_pruned"] for r in rep.linears] for rep in reports)
+    assert rescaled == pytest.approx(plain, rel=1e-3), "ADMM's pruned layer errors are scale-free"
+    blocks = [rep.block_reconstruction for rep in reports]
+    assert [r["error_before"] for r in blocks[1]] == pytest.approx([r["error_before"] for r in blocks[0]], rel=1e-3)
+    falls = [[r["error_after"] / r["error_before"] for r in b] for b in blocks]
+    assert all(f < 0.99 for f in falls[0]), falls  # the tuning does something here
+    assert falls[1] == pytest.approx(falls[0], rel=0.02), falls
+    assert all(r["lr_mode"] == "relative" for b in blocks for r in b)
+
+
+def test_the_check_costs_a_forward_of_the_check_windows_only():
+    """Forwards of one reconstruction: the check windows before the tuning, steps x batch with
+    gradients, then every window once (the next block's inputs, the error after on the check
+    windows), not a full error pass before the tuning as well."""
+    from admm_prune.gpu.engine.calibration import run_block
+    from admm_prune.gpu.engine.reconstruct import CHECK_WINDOWS
+
+    model, _ = models.tiny_model("llama", num_hidden_layers=1)
+    block = model.model.layers[0]
+    n, steps, batch = CHECK_WINDOWS + 12, 3, 2
+    x = torch.randn(n, 16, 64, generator=torch.Generator().manual_seed(1))
+    kwargs = {"position_embeddings": model.model.rotary_emb(x, torch.arange(16)[None]), "attention_mask": None}
+    dense = DenseStream(x, "cpu")
+    dense.advance(block, kwargs)
+    with torch.no_grad():
+        block.mlp.up_proj.weight.mul_(torch.rand_like(block.mlp.up_proj.weight) > 0.5)
+    calls = []
+    handle = block.register_forward_pre_hook(lambda *a: calls.append(torch.is_grad_enabled()))
+    out = torch.empty_like(x)
+    rec = reconstruct_block(block, 0, ["mlp.up_proj"], x, dense.targets, kwargs, "cpu", steps=steps, lr=1e-2,
+                            batch=batch, seed=0, out=out)
+    handle.remove()
+    assert not rec.reverted and rec.error_after < rec.error_before
+    assert len(calls) == CHECK_WINDOWS + steps * batch + n and sum(calls) == steps * batch
+    assert rec.error_after == pytest.approx(output_error(block, x[:CHECK_WINDOWS], dense.targets[:CHECK_WINDOWS],
+                                                         kwargs, "cpu", pipeline.current()), rel=1e-12)
+    torch.testing.assert_close(out, run_block(block, x, kwargs, "cpu"), rtol=0, atol=0)  # the tuned block's outputs

@@ -49,6 +49,7 @@ from ..checkpoint.lock import prefix_lock
 from .peers import PEER_METHODS, PEERS, llmcompressor_prune, peer_available, peer_linears
 from ..engine.pipeline import prune_model
 from .bench_report import format_markdown, ratios_to_peer, summarize
+from .plot import plot_bench
 from ..engine.report import mean_layer_error, phase_totals, versions, write_atomic
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,9 @@ class BenchConfig(SolverOptions, EngineOptions, ReconstructOptions, CalibOptions
     eval_split: str = option("validation", "split of a hub evaluation dataset")
     eval_seqlen: int = option(2048, "perplexity window length in tokens")
     eval_windows: int | None = option(None, "at most this many perplexity windows (default: all)")
-    out: str | None = option(None, "path prefix: writes OUT.md and OUT.json when the bench completes (the runs so "
-                                   "far: OUT.partial.md/.json)")
+    out: str | None = option(None, "path prefix: writes OUT.md, OUT.json and OUT.png (perplexity against "
+                                   "sparsity; needs matplotlib) when the bench completes (the runs so far: "
+                                   "OUT.partial.md/.json/.png)")
 
     def __post_init__(self):
         # Every base's checks but SolverOptions', which would judge `method` (a default no run
@@ -337,7 +339,8 @@ def _bench(cfg: BenchConfig, model, tokenizer) -> dict:
                                            "after": mean_layer_error(r["error_after"] for r in recon),
                                            "blocks": len(recon), "lowered": sum(r["error_after"] < r["error_before"]
                                                                                 for r in recon),
-                                           "reverted": sum(bool(r["reverted"]) for r in recon)} if recon else None),
+                                           "reverted": sum(bool(r["reverted"]) for r in recon),
+                                           "lr_mode": recon[0]["lr_mode"]} if recon else None),
                    "perplexity": perplexity(model, windows, desc=f"{impl} {method} {setting} seed {seed}", **eval_kw)}
             log.info("%s", run)
             result["runs"].append(run)
@@ -379,13 +382,15 @@ def _save(result: dict, cfg: BenchConfig, planned: int | None = None) -> dict:
             write_atomic(paths[0], json.dumps(result, indent=2, default=str))
         with writing(paths[1]):
             write_atomic(paths[1], result["markdown"])
+        with writing(paths[2]):
+            plot_bench(result, paths[2])
         if planned is None:
             for p in _report_paths(cfg.out, partial=True):
                 p.unlink(missing_ok=True)
     return result
 
 
-def _report_paths(out: str, partial: bool) -> tuple[Path, Path]:
-    """OUT.json and OUT.md, or OUT.partial.json and OUT.partial.md."""
+def _report_paths(out: str, partial: bool) -> tuple[Path, Path, Path]:
+    """OUT.json, OUT.md and OUT.png, or OUT.partial.json, .md and .png."""
     stem = out + (".partial" if partial else "")
-    return Path(stem + ".json"), Path(stem + ".md")
+    return Path(stem + ".json"), Path(stem + ".md"), Path(stem + ".png")

@@ -4,8 +4,8 @@ at the end (`assemble`, then `publish`), cleaned up after a failure (`after_fail
 Assembly groups the staged files into shards of at most ``max_shard_size`` bytes (a shard
 made of one file is a hard link; several are concatenated byte for byte, so memory stays
 flat; ``shard_per_block`` makes every staged file a shard, all links) and adds the index,
-config, generation config and tokenizer. Publishing adds the report and renames the folder
-onto ``--out``. An old ``--out`` (``--overwrite``) trades places with the new folder in one
+config, generation config and tokenizer. Publishing adds the report and the model card
+(`card.py`) and renames the folder onto ``--out``. An old ``--out`` (``--overwrite``) trades places with the new folder in one
 ``renameat2(RENAME_EXCHANGE)`` on Linux, then is removed: no moment without a complete
 ``--out``. Where that call is missing (another OS, a filesystem without it) two renames do it:
 the old output moved aside to ``.NAME.old-PID``, moved back if the second rename fails, and
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import PipelineError
+from .card import model_card
 from .diskspace import writing
 from .lock import OutputLock
 from ..engine.report import PruneReport, missing_parents, usual_mode
@@ -158,13 +159,14 @@ def assemble(staging: Staging, max_shard_size: int, write_extras: Callable[[Path
 
 
 def publish(staging: Staging, final: Path, overwrite: bool, report: PruneReport) -> bool:
-    """Write report.json into `final` (what `assemble` made), rename it onto ``staging.out``,
-    then remove the staging folder.
+    """Write report.json and the model card (README.md, `card.model_card`) into `final` (what
+    `assemble` made), rename it onto ``staging.out``, then remove the staging folder.
 
     Returns whether a SIGINT came while the output was being swapped in (it was held
     off: the output is complete either way)."""
     out = staging.out
     (final / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
+    (final / "README.md").write_text(model_card(report))
     for path in [final, *final.iterdir()]:
         path.chmod(usual_mode(path.is_dir()))
     with _sigint_held() as caught:

@@ -10,8 +10,18 @@ next: the block's output error. Here, after a block is pruned,
 where H_i is the pruned model's input to block i (the tuned blocks before it) and D_{i+1} the
 dense model's hidden state after block i, on the same calibration windows (`DenseStream`).
 Adam on minibatches of windows; the pruned entries stay exactly zero (their gradients are
-masked and the weights multiplied by the mask after every step). Every rank uses its own
+masked and the weights multiplied by the mask after every step).
+
+The step size is relative to each linear's scale: Adam runs on W / s, s = rms(W^ on its kept
+entries), at the step size lr, so every weight moves by about lr x s per step. A rescale that
+leaves the block's function alone (q, v, up x c; k, o, down / c) then tunes the same way: the
+gradient of W / s and s itself do not change with c (`step_scale`). Every rank uses its own
 windows and the gradients are summed over the ranks, so every rank takes the same step.
+
+The tuning is kept only where it lowers the output error on the first `CHECK_WINDOWS` windows
+(per rank): the forward that makes the next block's inputs measures the error after the
+tuning on them for free, so the check costs one extra forward of those windows (before the
+tuning), not of all of them.
 
 Plumbing, not math: it runs a module forward and backward. The engine calls it between the
 prune and the next block's forward (`pipeline.prune_model`).
@@ -26,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoint.weights import prunable_weights
+from ..config import RECONSTRUCT_LR_MODE
 from .calibration import block_output, run_block
 from .distributed import Dist
 
@@ -33,7 +44,8 @@ from .distributed import Dist
 @dataclass(frozen=True)
 class ReconstructionRecord:
     """One block's reconstruction: relative output errors sum ||Y^ - D||^2 / sum ||D||^2 over
-    every calibration window, before and after the tuning, and its cost."""
+    the check windows (the first `CHECK_WINDOWS` of each rank), before and after the tuning,
+    and its cost."""
 
     block: int
     error_before: float
@@ -41,6 +53,16 @@ class ReconstructionRecord:
     steps: int
     seconds: float
     reverted: bool = False  # the tuning did not lower the error: the pruned weights were kept
+    lr_mode: str = RECONSTRUCT_LR_MODE  # each linear's step: lr x step_scale(W^)
+
+
+CHECK_WINDOWS = 8  # per rank: the windows on which the tuning must lower the block's output error
+
+
+def step_scale(W: torch.Tensor) -> float:
+    """s = sqrt(sum W^2 / nnz(W)): the root mean square of a pruned weight's kept entries (0 if none)."""
+    kept = int(torch.count_nonzero(W))
+    return float(W.detach().double().square().sum().div(max(kept, 1)).sqrt())
 
 
 class DenseStream:
@@ -59,15 +81,19 @@ class DenseStream:
 
 @torch.no_grad()
 def output_error(block, inps: torch.Tensor, targets: torch.Tensor, kwargs: dict, device, dist: Dist,
-                 out: torch.Tensor | None = None) -> float:
-    """sum ||block(X) - D||^2 / sum ||D||^2 over every window (summed over the ranks); the
-    block's outputs are also written into `out` when given (the next block's inputs)."""
+                 out: torch.Tensor | None = None, counted: int | None = None) -> float:
+    """sum ||block(X_j) - D_j||^2 / sum ||D_j||^2 over the first `counted` windows j (default
+    all; summed over the ranks). With `out`, every window is run and its outputs written there
+    (the next block's inputs); without, only the counted ones."""
+    counted = inps.shape[0] if counted is None else min(counted, inps.shape[0])
     num = torch.zeros((), dtype=torch.float64, device=device)
     den = torch.zeros((), dtype=torch.float64, device=device)
-    for i in range(inps.shape[0]):
+    for i in range(inps.shape[0] if out is not None else counted):
         y = block_output(block(inps[i:i + 1].to(device), **kwargs))
         if out is not None:
             out[i:i + 1] = y.to(out.device)
+        if i >= counted:
+            continue
         d = targets[i:i + 1].to(device).double()
         num += (y.double() - d).square().sum()
         den += d.square().sum()
@@ -78,23 +104,29 @@ def output_error(block, inps: torch.Tensor, targets: torch.Tensor, kwargs: dict,
 def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, targets: torch.Tensor,
                       kwargs: dict, device, *, steps: int, lr: float, batch: int, seed: int,
                       dist: Dist = Dist(), out: torch.Tensor | None = None) -> ReconstructionRecord:
-    """Tune the weights `names` of `block` (pruned linears or experts' slices, on `device`) in
-    place through the block's own (routed) forward, masks fixed, for `steps` Adam steps of `batch` windows each (per rank), towards `targets`.
+    """W <- W - lr s Adam(s grad W), s = step_scale(W), masks fixed: Adam on W / s.
+
+    Tunes the weights `names` of `block` (pruned linears or experts' slices, on `device`) in
+    place through the block's own (routed) forward for `steps` Adam steps of `batch` windows
+    each (per rank), towards `targets`; `lr` is relative to each tuned parameter's scale s (its
+    kept entries' root mean square; a packed experts parameter has one s for its experts), so
+    each weight moves by about lr x s per step.
 
     The weights are tuned in float32 (a half-precision block is lifted for the tuning and cast
-    back); everything else in the block stays frozen. If the tuned block's output error is not
-    below the pruned block's (a step size too large for this block), the pruned weights are put
-    back and the record says ``reverted``. The minibatches are drawn from
-    ``torch.Generator`` seeded by (`seed`, `index`): the same windows every run. `out`: where
-    the final block's outputs on `inps` go (the next block's inputs: the forward that measures
-    the error after the tuning makes them too)."""
+    back); everything else in the block stays frozen. If the tuned block's output error on the
+    check windows is not below the pruned block's (a step size too large for this block), the
+    pruned weights are put back and the record says ``reverted``. The minibatches are drawn
+    from ``torch.Generator`` seeded by (`seed`, `index`): the same windows every run. `out`:
+    where the final block's outputs on `inps` go (the next block's inputs: the forward that
+    measures the error after the tuning makes them too)."""
     t0 = time.perf_counter()
-    before = output_error(block, inps, targets, kwargs, device, dist)
+    before = output_error(block, inps, targets, kwargs, device, dist, counted=CHECK_WINDOWS)
     dtype = next(block.parameters()).dtype
     weights, masks = _tuned(block, names)
     start = [w.detach().clone() for w in weights]
-    with _trainable(block, weights, dtype):
-        opt = torch.optim.Adam(weights, lr=lr)
+    scales = [step_scale(w) for w in weights]
+    with _trainable(block, weights, dtype):  # Adam on W / s: its gradient s grad W, its step lr s in W
+        opt = torch.optim.Adam([{"params": [w], "lr": lr * s} for w, s in zip(weights, scales)])
         gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
         n = inps.shape[0]
         for _ in range(steps):
@@ -104,19 +136,19 @@ def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, t
                 y = block_output(block(inps[j:j + 1].to(device).float(), **kwargs))
                 loss = (y - targets[j:j + 1].to(device).float()).square().mean() / len(picks)
                 loss.backward()
-            for w, m in zip(weights, masks):
-                dist.sum_(w.grad).div_(dist.world).mul_(m)
+            for w, m, s in zip(weights, masks, scales):
+                dist.sum_(w.grad).div_(dist.world).mul_(m).mul_(s)
             opt.step()
             with torch.no_grad():
                 for w, m in zip(weights, masks):
                     w.mul_(m)  # pruned entries exactly zero, whatever the optimizer did
-    after = output_error(block, inps, targets, kwargs, device, dist, out)
+    after = output_error(block, inps, targets, kwargs, device, dist, out, CHECK_WINDOWS)
     reverted = not after < before  # too large a step size overshoots: never hand on a worse block
     if reverted:
         with torch.no_grad():
             for w, w0 in zip(weights, start):
                 w.copy_(w0)
-        after = output_error(block, inps, targets, kwargs, device, dist, out)
+        after = output_error(block, inps, targets, kwargs, device, dist, out, CHECK_WINDOWS)
     return ReconstructionRecord(index, before, after, steps, time.perf_counter() - t0, reverted)
 
 
