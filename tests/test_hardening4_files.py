@@ -219,3 +219,34 @@ def test_a_refused_resume_names_the_changed_flag_and_says_unset(tiny_dir, corpus
     assert code == cli.EXIT_USER_ERROR
     assert _error_line(err) == (f"admm-prune: error: cannot --resume {tmp_path / '.out.staging'}: --reconstruct-batch "
                                 f"was 8, now unset (and 2 more: --reconstruct-lr, --reconstruct-steps)")
+
+
+def test_a_staging_folder_tuned_with_the_old_absolute_step_is_refused_naming_the_flag(tiny_dir, corpus, tmp_path,
+                                                                                        capsys):
+    """A run staged before --reconstruct-lr became relative (its fingerprint has no
+    reconstruct_lr_mode) is refused in one line that names the flag, not the internal key."""
+    import json
+
+    from admm_prune.gpu.engine import pipeline
+
+    out = tmp_path / "out"
+
+    def interrupt(block, name, *args):  # block 0 staged
+        if block == 1 and name == "mlp.down_proj":
+            raise KeyboardInterrupt
+
+    argv = [a for a in _prune_argv(tiny_dir, corpus, out, "--resume") if a not in ("--num-blocks", "1")]
+    argv += ["--reconstruct-steps", "2"]
+    kwargs = dict(model=str(tiny_dir), calib=str(corpus / "calib.jsonl"), eval=None, nsamples=2, seqlen=16,
+                  device="cpu", progress=False, out=str(out), reconstruct_steps=2)
+    with pytest.raises(pipeline.RunInterrupted):
+        pipeline.run_prune(pipeline.PruneConfig(**kwargs), callback=interrupt)
+    manifest = tmp_path / ".out.staging" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["fingerprint"]["reconstruct_lr_mode"]  # as an absolute-step run recorded it
+    manifest.write_text(json.dumps(data))
+    code, _, err = _cli(argv, capsys)
+    assert code == cli.EXIT_USER_ERROR
+    assert _error_line(err) == (f"admm-prune: error: cannot --resume {tmp_path / '.out.staging'}: the staged blocks "
+                                "were tuned with the old absolute --reconstruct-lr (now relative to each weight's "
+                                "scale); rerun without --resume")
