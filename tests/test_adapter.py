@@ -264,6 +264,26 @@ def test_moe_resume_and_reconstruction_equal_the_uninterrupted_run(corpus, tmp_p
     assert all(torch.equal(got[k], v) for k, v in expected.items()), "resumed == uninterrupted"
 
 
+def test_reconstruction_leaves_the_experts_it_does_not_tune_as_they_were(corpus, tmp_path):
+    """With --ignore naming an expert, block reconstruction tunes the other experts' slices of the
+    packed parameter and leaves the ignored expert's slice exactly as it was (it used to be zeroed
+    by the mask product after each Adam step)."""
+    model, tok = models.tiny_model("mixtral", num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    report = pipeline.run_prune(_moe_cfg(corpus, model=str(tmp_path / "m"), out=str(tmp_path / "out"),
+                                         ignore=(r"experts\.1\.",), reconstruct_steps=4, reconstruct_lr=1e-2,
+                                         reconstruct_batch=2))
+    assert any(not r["reverted"] for r in report.block_reconstruction), "some block's tuning must be kept"
+    got = _saved(tmp_path / "out")
+    packed = [k for k in got if k.endswith("experts.gate_up_proj") or k.endswith("experts.down_proj")]
+    assert packed
+    for k in packed:
+        assert torch.equal(got[k][1], dense[k][1]), f"{k}: the ignored expert 1 changed"
+        assert float((got[k][0] == 0).float().mean()) == pytest.approx(0.5, abs=0.01), k
+
+
 TORCHRUN = """
 import sys
 from admm_prune.gpu.engine import distributed, pipeline

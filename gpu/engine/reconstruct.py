@@ -139,9 +139,9 @@ def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, t
             for w, m, s in zip(weights, masks, scales):
                 dist.sum_(w.grad).div_(dist.world).mul_(m).mul_(s)
             opt.step()
-            with torch.no_grad():
-                for w, m in zip(weights, masks):
-                    w.mul_(m)  # pruned entries exactly zero, whatever the optimizer did
+            with torch.no_grad():  # outside the masks (pruned entries, experts not tuned) as they were
+                for w, m, w0 in zip(weights, masks, start):
+                    w.copy_(torch.where(m, w, w0.to(w.dtype)))
     after = output_error(block, inps, targets, kwargs, device, dist, out, CHECK_WINDOWS)
     reverted = not after < before  # too large a step size overshoots: never hand on a worse block
     if reverted:
