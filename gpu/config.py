@@ -21,9 +21,10 @@ import torch
 from admm_prune.reference.errors import AdmmPruneError
 from admm_prune.reference.options import Options, SolverOptions, option
 
+from .checkpoint.weights import MOE_CALIBRATION
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MATMUL_PRECISIONS = ("high", "highest")  # torch's names: TF32 allowed, IEEE float32
-MOE_CALIBRATION = ("routed", "weighted", "all")  # the experts' Grams (checkpoint/weights.py)
 MIN_SEQLEN = 2  # one rule for calibration and evaluation windows: a next-token loss needs two
 MAX_SEED = 2**32 - 1  # numpy's range; the reconstruction seeds torch with seed * 1_000_003 + block
 
@@ -233,6 +234,8 @@ class PruneConfig(EngineOptions, ReconstructOptions, SolverOptions, CalibOptions
         warn_unused(self, ("mask_steps",), f"method {self.method} keeps its first mask, so nothing reads {{it}}",
                     self.spec.mask_steps)
         warn_unused(self, ("polish_damp",), "only polish_iters > 0 reads {it}", self.polish_iters > 0)
+        warn_unused(self, ("alps_rho", "alps_iters", "alps_pcg_iters"), "only method alps reads {it}",
+                    self.method == "alps")
         warn_unused(self, ("eval_split", "eval_seqlen", "eval_windows"),
                     "eval none reads no perplexity data, so nothing reads {it}", self.eval is not None)
 

@@ -58,6 +58,8 @@ UNUSED = [
     (["--eval-seqlen", "32"],
      "--eval-seqlen set but unused: --eval none reads no perplexity data, so nothing reads it"),
     (["--owl-m", "3"], "--owl-m set but unused: only --sparsity-profile owl reads it"),
+    (["--alps-iters", "50", "--alps-rho", "0.2"],
+     "--alps-rho and --alps-iters set but unused: only --method alps reads them"),
 ]
 
 
@@ -94,6 +96,9 @@ BENCH_UNUSED = [
      ["--mask-steps set but unused: no variant that re-selects its mask without +itersK reads it"]),
     (["--methods", "sparsegpt", "--polish-damp", "0.3"],
      ["--polish-damp set but unused: only +polishK variants read it"]),
+    (["--methods", "wanda,admm-grad", "--alps-pcg-iters", "3"],
+     ["--alps-pcg-iters set but unused: only alps variants read it"]),
+    (["--methods", "alps", "--alps-pcg-iters", "3"], []),
     (["--methods", "sparsegpt+polish2", "--polish-damp", "0.3"], []),
     (["--methods", "wanda", "--owl-m", "3", "--owl-lambda", "0.1"],
      ["--owl-m and --owl-lambda set but unused: only +owl variants read them"]),

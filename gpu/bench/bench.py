@@ -136,7 +136,8 @@ class BenchConfig(SolverOptions, EngineOptions, ReconstructOptions, CalibOptions
                 raise PipelineError(f"{name} must be a finite number {'> 0' if name == 'owl_m' else '>= 0'}, "
                                     f"got {value!r}", field=name)
         if self.out is not None:
-            prepare_report_out(self.out)  # before any work: a read-only folder fails now, not at the end
+            prepare_report_out(self.out, (".json", ".md", ".png", ".partial.json", ".partial.md",
+                                          ".partial.png"))  # before any work: fails now, not at the end
 
     def run_config(self, method: str, sparsity: float | None, pattern: str, overrides: dict,
                    seed: int = 0) -> PruneConfig:
@@ -260,6 +261,8 @@ def warn_unused_settings(cfg: BenchConfig):
                 any(spec.mask_steps and "mask_steps" not in o for spec, o in variants))
     warn_unused(cfg, ("polish_damp",), "only +polishK variants read {it}",
                 any(o.get("polish_iters", cfg.polish_iters) > 0 for _, o in variants))
+    warn_unused(cfg, ("alps_rho", "alps_iters", "alps_pcg_iters"), "only alps variants read {it}",
+                any(spec.name == "alps" for spec, _ in variants))
 
 
 def _bench(cfg: BenchConfig, model, tokenizer) -> dict:
@@ -383,7 +386,10 @@ def _save(result: dict, cfg: BenchConfig, planned: int | None = None) -> dict:
         with writing(paths[1]):
             write_atomic(paths[1], result["markdown"])
         with writing(paths[2]):
-            plot_bench(result, paths[2])
+            try:  # the picture is a convenience: a plotting failure never costs the bench its runs
+                plot_bench(result, paths[2])
+            except Exception as e:  # noqa: BLE001 (matplotlib raises many types)
+                log.warning("no %s: plotting failed (%s); the tables are written", paths[2].name, e)
         if planned is None:
             for p in _report_paths(cfg.out, partial=True):
                 p.unlink(missing_ok=True)

@@ -44,6 +44,9 @@ def log_scale(values: list[float]) -> bool:
     return bool(values) and min(values) > 0 and max(values) / min(values) >= LOG_RANGE
 
 
+_warned: list = []  # whether the missing-matplotlib warning was given
+
+
 def plot_bench(result: dict, path: Path) -> Path | None:
     """Write the picture of `result` (a bench result with its ``summary``) to `path`; None, with a
     warning logged, where matplotlib is not installed."""
@@ -51,6 +54,9 @@ def plot_bench(result: dict, path: Path) -> Path | None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
+        if _warned:  # once per process: the bench saves (and would plot) after every run
+            return None
+        _warned.append(True)
         log.warning("no %s: matplotlib is not installed (pip install 'admm-prune[tutorial]' or matplotlib); "
                     "the tables are written", path.name)
         return None

@@ -36,7 +36,7 @@ from torch import nn
 
 from .models import ModelError
 
-MOE_CALIBRATION = ("routed", "weighted", "all")
+MOE_CALIBRATION = ("routed", "weighted", "all")  # the --moe-calibration choices (config.py reads them here)
 
 
 @dataclass(frozen=True)

@@ -210,14 +210,15 @@ def format_eval_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def prepare_report_out(out: str | None) -> Path | None:
-    """Check that the report (OUT.json, OUT.md) can be written before hours of evaluation."""
+def prepare_report_out(out: str | None, exts: tuple[str, ...] = (".json", ".md")) -> Path | None:
+    """Check that the report (OUT.json, OUT.md: OUT plus each of `exts`) can be written before
+    hours of evaluation."""
     if out is None:
         return None
     path = Path(out)
     if path.exists() and path.is_dir():
         raise PipelineError(f"out {out} is a directory; give a path prefix such as runs/eval_dense")
-    for ext in (".json", ".md"):
+    for ext in exts:
         if (target := _with_ext(path, ext)).is_dir():
             raise PipelineError(f"out {out}: {target} is a directory, where the report file goes; remove it or "
                                 f"choose another prefix", field="out")
