@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from admm_prune.reference.errors import AdmmPruneError
+from admm_prune.reference.methods import REGISTRY
 from admm_prune.reference.options import Options, SolverOptions, option
 
 from .checkpoint.weights import MOE_CALIBRATION
@@ -234,8 +235,8 @@ class PruneConfig(EngineOptions, ReconstructOptions, SolverOptions, CalibOptions
         warn_unused(self, ("mask_steps",), f"method {self.method} keeps its first mask, so nothing reads {{it}}",
                     self.spec.mask_steps)
         warn_unused(self, ("polish_damp",), "only polish_iters > 0 reads {it}", self.polish_iters > 0)
-        warn_unused(self, ("alps_rho", "alps_iters", "alps_pcg_iters"), "only method alps reads {it}",
-                    self.method == "alps")
+        for spec in REGISTRY.values():  # a method's own options (ALPS's) for another method
+            warn_unused(self, spec.options, f"only method {spec.name} reads {{it}}", self.spec is spec)
         warn_unused(self, ("eval_split", "eval_seqlen", "eval_windows"),
                     "eval none reads no perplexity data, so nothing reads {it}", self.eval is not None)
 
@@ -260,8 +261,9 @@ class PruneConfig(EngineOptions, ReconstructOptions, SolverOptions, CalibOptions
 
     def fingerprint(self) -> dict:
         """The fields that decide the pruned weights: a resumed run must match them all."""
-        keep = [f.name for f in dataclasses.fields(SolverOptions) if not f.name.startswith(("owl_", "alps_"))]
-        keep += [f.name for f in dataclasses.fields(SolverOptions) if f.name.startswith("alps_") and self.method == "alps"]
+        owned = {o for spec in REGISTRY.values() for o in spec.options}  # kept for their own method only
+        keep = [f.name for f in dataclasses.fields(SolverOptions) if not f.name.startswith("owl_") and f.name not in owned]
+        keep += list(self.spec.options)
         keep += ["calib", "nsamples", "seqlen", "seed", "dtype", "true_sequential", "num_blocks",
                  "matmul_precision"]
         keep += [k for k in ("targets", "ignore") if getattr(self, k)]  # set only when used: older folders resume

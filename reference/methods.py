@@ -29,6 +29,8 @@ class Method:
     finish_own_damp : the finish (`polish_iters`) solves with the method's own damping
         (ADMM: the same problem); otherwise with `DEFAULT_POLISH_DAMP`.
     summary : one line for ``--help``.
+    options : the `SolverOptions` fields only this method reads (ALPS's ``alps_*``): in the
+        resume fingerprint only for it, and a warning where they are set for another method.
     """
 
     name: str
@@ -37,6 +39,7 @@ class Method:
     mask_steps: bool
     finish_own_damp: bool
     summary: str
+    options: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.needs not in NEEDS:
@@ -73,7 +76,7 @@ register(Method("admm-grad", "gram", 0.1, True, True,
 # here the same 0.01 in this project's damping, 0.01 diag(XtX) (reference/alps.py says why)
 register(Method("alps", "gram", 0.01, False, True,
                 "support from an L0-constrained ADMM whose rho grows on a schedule, then PCG on it "
-                "(Meng et al.)"))
+                "(Meng et al.)", options=("alps_rho", "alps_iters", "alps_pcg_iters")))
 
 #: damping used when ``damp=None``: the official ADMM code's 0.1, SparseGPT's own 0.01
 DEFAULT_DAMP = {m.name: m.default_damp for m in REGISTRY.values() if m.default_damp is not None}

@@ -54,10 +54,24 @@ def test_bench_writes_a_png_of_perplexity_against_sparsity(corpus, tmp_path):
 def test_without_matplotlib_the_bench_writes_its_tables_and_warns(corpus, tmp_path, monkeypatch, caplog):
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)  # import fails
+    monkeypatch.setattr(plot, "_warned", [])  # the warning is given once per process
     with caplog.at_level(logging.WARNING):
         _bench(corpus, tmp_path / "b", methods=("magnitude",))
     assert (tmp_path / "b.json").is_file() and (tmp_path / "b.md").is_file() and not (tmp_path / "b.png").exists()
-    assert any("matplotlib is not installed" in r.getMessage() for r in caplog.records)
+    assert sum("matplotlib is not installed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_plot_that_fails_costs_the_bench_nothing_but_its_png(corpus, tmp_path, monkeypatch, caplog):
+    pytest.importorskip("matplotlib")
+
+    def broken(*args):
+        raise ValueError("no such colormap")
+
+    monkeypatch.setattr(plot, "_draw", broken)
+    with caplog.at_level(logging.WARNING):
+        result = _bench(corpus, tmp_path / "b", methods=("magnitude",))
+    assert result["runs"] and (tmp_path / "b.json").is_file() and not (tmp_path / "b.png").exists()
+    assert any("plotting failed (no such colormap)" in r.getMessage() for r in caplog.records)
 
 
 def test_prune_writes_a_model_card(corpus, tmp_path):

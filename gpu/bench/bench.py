@@ -261,8 +261,8 @@ def warn_unused_settings(cfg: BenchConfig):
                 any(spec.mask_steps and "mask_steps" not in o for spec, o in variants))
     warn_unused(cfg, ("polish_damp",), "only +polishK variants read {it}",
                 any(o.get("polish_iters", cfg.polish_iters) > 0 for _, o in variants))
-    warn_unused(cfg, ("alps_rho", "alps_iters", "alps_pcg_iters"), "only alps variants read {it}",
-                any(spec.name == "alps" for spec, _ in variants))
+    for own in {spec for spec, _ in variants} ^ set(methods_mod.specs.REGISTRY.values()):  # a method's own options
+        warn_unused(cfg, own.options, f"only {own.name} variants read {{it}}")
 
 
 def _bench(cfg: BenchConfig, model, tokenizer) -> dict:
@@ -386,10 +386,7 @@ def _save(result: dict, cfg: BenchConfig, planned: int | None = None) -> dict:
         with writing(paths[1]):
             write_atomic(paths[1], result["markdown"])
         with writing(paths[2]):
-            try:  # the picture is a convenience: a plotting failure never costs the bench its runs
-                plot_bench(result, paths[2])
-            except Exception as e:  # noqa: BLE001 (matplotlib raises many types)
-                log.warning("no %s: plotting failed (%s); the tables are written", paths[2].name, e)
+            plot_bench(result, paths[2])
         if planned is None:
             for p in _report_paths(cfg.out, partial=True):
                 p.unlink(missing_ok=True)

@@ -60,6 +60,17 @@ def plot_bench(result: dict, path: Path) -> Path | None:
         log.warning("no %s: matplotlib is not installed (pip install 'admm-prune[tutorial]' or matplotlib); "
                     "the tables are written", path.name)
         return None
+    try:  # the picture is a convenience: a plotting failure never costs a bench its runs
+        png = _draw(result, Figure, FigureCanvasAgg)
+    except Exception as e:  # noqa: BLE001 (matplotlib raises many types)
+        log.warning("no %s: plotting failed (%s); the tables are written", path.name, e)
+        return None
+    write_atomic(path, png.getvalue())
+    return path
+
+
+def _draw(result: dict, Figure, FigureCanvasAgg) -> io.BytesIO:
+    """The bench picture of `result` as PNG bytes."""
     lines = bench_points(result.get("summary") or [])
     fig = Figure(figsize=SIZE_INCHES, dpi=DPI)
     FigureCanvasAgg(fig)
@@ -87,5 +98,4 @@ def plot_bench(result: dict, path: Path) -> Path | None:
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png")
-    write_atomic(path, png.getvalue())
-    return path
+    return png

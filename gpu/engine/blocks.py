@@ -138,12 +138,11 @@ def prune_block(block, i: int, inps, kwargs, cfg: PruneConfig, sparsity: float |
 
 
 def _solve_cost(block, group: list[Weight], cfg: PruneConfig) -> float:
-    """FLOPs of one group's solve: the d_in^3 factorization, d_out d_in^2 per ADMM step (ALPS:
-    up to its alps_iters steps and its PCG finish)."""
+    """FLOPs of one group's solve: the d_in^3 factorization, d_out d_in^2 per ADMM step (used
+    only to balance the groups over ranks; ALPS's longer search is not counted)."""
     shapes = [w.matrix(block).shape for w in group]
     d_in = shapes[0][1]
-    steps = cfg.alps_iters + cfg.alps_pcg_iters if cfg.method == "alps" else cfg.iters
-    return d_in**3 + sum(d_out * d_in**2 * (steps + cfg.polish_iters + 2) for d_out, _ in shapes)
+    return d_in**3 + sum(d_out * d_in**2 * (cfg.iters + cfg.polish_iters + 2) for d_out, _ in shapes)
 
 
 def check_model(model, cfg: PruneConfig):
