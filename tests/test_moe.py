@@ -140,3 +140,29 @@ def test_bad_moe_calibration_is_one_line_naming_the_flag(corpus, tmp_path, capsy
     code, err = _cli(_args(corpus, ck, tmp_path / "out", "--moe-calibration", "sometimes"), capsys)
     assert code == 2 and err.count("\n") == 1 and "--moe-calibration" in err and "routed" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_upcycled_model_computes_what_the_dense_model_computes():
+    """benchmarks/upcycle_moe.py on a tiny LLaMA: 8 identical experts, top-2 renormalized, so the
+    MoE's logits are the dense model's up to rounding; the k-means router spreads the tokens."""
+    pytest.importorskip("sklearn")
+    import importlib.util
+    from pathlib import Path
+
+    from admm_prune.gpu.checkpoint import models
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "upcycle_moe.py"
+    spec = importlib.util.spec_from_file_location("upcycle_moe", path)
+    upcycle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(upcycle)
+    for tied in (False, True):
+        dense, _ = models.tiny_model("llama", tie_word_embeddings=tied)
+        ids = torch.randint(3, 259, (2, 32), generator=torch.Generator().manual_seed(0))
+        routers, loads = zip(*(upcycle.router_from_centroids(X, 8, seed=0, scale=10.0)
+                               for X in upcycle.mlp_inputs(dense, ids)))
+        moe = upcycle.upcycle(dense, list(routers), experts=8, top_k=2)
+        assert type(moe).__name__ == "MixtralForCausalLM" and moe.config.num_local_experts == 8
+        assert (moe.lm_head.weight is moe.model.embed_tokens.weight) == tied
+        assert all(share.max() < 0.9 for share in loads)  # no expert takes (almost) every token
+        with torch.no_grad():
+            torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=0, atol=1e-5)
