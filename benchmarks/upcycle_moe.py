@@ -98,7 +98,8 @@ def upcycle(dense, routers: list[torch.Tensor], experts: int, top_k: int) -> Mix
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder to write the checkpoint to")
     p.add_argument("--experts", type=int, default=8, help="experts per block (default 8)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
@@ -106,10 +107,12 @@ def main(argv=None):
                    help="documents whose MLP inputs the router centroids come from")
     p.add_argument("--router-windows", type=int, default=16, help="calibration windows for k-means (default 16)")
     p.add_argument("--router-seqlen", type=int, default=512, help="their length in tokens (default 512)")
-    p.add_argument("--router-scale", type=float, default=10.0, help="logit of a token at mean norm, cosine 1 (default 10)")
+    p.add_argument("--router-scale", type=float, default=10.0,
+                   help="logit of a token at mean norm, cosine 1 (default 10)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the windows and of k-means; not one of the "
                    "pruning calibration seeds 0, 1, 2 (default 1234)")
-    p.add_argument("--eval", default="../shared/data/wikitext-2-raw/wiki.valid.raw", help="perplexity text (validation)")
+    p.add_argument("--eval", default="../shared/data/wikitext-2-raw/wiki.valid.raw",
+                   help="perplexity text (validation)")
     p.add_argument("--eval-windows", type=int, default=4, help="perplexity windows (default 4)")
     p.add_argument("--eval-seqlen", type=int, default=2048, help="their length (default 2048)")
     args = p.parse_args(argv)
@@ -119,7 +122,8 @@ def main(argv=None):
     source = resolve_model(None)
     dense = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    windows, info = sample_calibration(load_texts(args.calib), tokenizer, args.router_windows, args.router_seqlen, args.seed)
+    windows, info = sample_calibration(load_texts(args.calib), tokenizer, args.router_windows, args.router_seqlen,
+                                       args.seed)
     inputs = mlp_inputs(dense, windows)
     routers, loads = zip(*(router_from_centroids(X, args.experts, args.seed, args.router_scale) for X in inputs))
     del inputs
@@ -144,7 +148,8 @@ def main(argv=None):
     }
     (out / "upcycle.json").write_text(json.dumps(record, indent=1))
     print(f"SmolLM2 perplexity      {ppl_dense:.6f}")
-    print(f"upcycled MoE perplexity {ppl_moe:.6f}  ({type(reloaded).__name__}, {args.experts} experts, top-{args.top_k})")
+    print(f"upcycled MoE perplexity {ppl_moe:.6f}  "
+          f"({type(reloaded).__name__}, {args.experts} experts, top-{args.top_k})")
     print(f"relative difference     {record['perplexity']['relative_difference']:.2e}")
     print("top-1 share per expert (min, max over blocks):",
           f"{min(min(s) for s in loads):.3f}, {max(max(s) for s in loads):.3f}")
