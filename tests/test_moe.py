@@ -146,15 +146,9 @@ def test_upcycled_model_computes_what_the_dense_model_computes():
     """benchmarks/upcycle_moe.py on a tiny LLaMA: 8 identical experts, top-2 renormalized, so the
     MoE's logits are the dense model's up to rounding; the k-means router spreads the tokens."""
     pytest.importorskip("sklearn")
-    import importlib.util
-    from pathlib import Path
-
     from admm_prune.gpu.checkpoint import models
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "upcycle_moe.py"
-    spec = importlib.util.spec_from_file_location("upcycle_moe", path)
-    upcycle = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(upcycle)
+    upcycle = _benchmark("upcycle_moe")
     for tied in (False, True):
         dense, _ = models.tiny_model("llama", tie_word_embeddings=tied)
         ids = torch.randint(3, 259, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -166,3 +160,23 @@ def test_upcycled_model_computes_what_the_dense_model_computes():
         assert all(share.max() < 0.9 for share in loads)  # no expert takes (almost) every token
         with torch.no_grad():
             torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=0, atol=1e-5)
+
+
+def _benchmark(name):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_routed_vs_all_table_pairs_runs_by_seed():
+    bench = _benchmark("moe_routed_vs_all")
+    runs = [dict(sparsity=0.7, mode=m, seed=s, num_blocks=0, perplexity=p, dense_perplexity=15.0, seconds=1.0)
+            for m, s, p in [("routed", 0, 30.0), ("all", 0, 40.0), ("routed", 1, 36.0), ("all", 1, 40.0),
+                            ("routed", 2, 10.0)]]  # seed 2 has no all-token run: left out
+    runs.append(dict(runs[0], num_blocks=2, perplexity=1.0))  # a timing probe: left out
+    row = bench.table({"runs": runs}).splitlines()[2]
+    assert row == "| 0.7 | 33.000 ± 4.243 | 40.000 ± 0.000 | 0.825 ± 0.106 | 0, 1 |"
