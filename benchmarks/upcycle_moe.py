@@ -101,6 +101,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder to write the checkpoint to")
+    p.add_argument("--model", default=None, help="the dense LLaMA-layout source (default: the embedded SmolLM2)")
     p.add_argument("--experts", type=int, default=8, help="experts per block (default 8)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
     p.add_argument("--calib", default="../shared/data/c4/c4_train_first1000_reserialized.jsonl",
@@ -119,7 +120,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     start = time.perf_counter()
 
-    source = resolve_model(None)
+    source = resolve_model(args.model)
     dense = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     windows, info = sample_calibration(load_texts(args.calib), tokenizer, args.router_windows, args.router_seqlen,
@@ -142,19 +143,19 @@ def main(argv=None):
         "top_k": args.top_k, "router": {"calibration": info, "scale": args.router_scale, "seed": args.seed,
                                         "top1_share_per_block": [[round(x, 4) for x in s] for s in loads]},
         "eval": {"text": args.eval, "windows": len(eval_windows), "seqlen": args.eval_seqlen},
-        "perplexity": {"smollm2": ppl_dense, "upcycled_moe": ppl_moe,
+        "perplexity": {"dense": ppl_dense, "upcycled_moe": ppl_moe,
                        "relative_difference": abs(ppl_moe - ppl_dense) / ppl_dense},
         "seconds": time.perf_counter() - start,
     }
     (out / "upcycle.json").write_text(json.dumps(record, indent=1))
-    print(f"SmolLM2 perplexity      {ppl_dense:.6f}")
+    print(f"dense perplexity        {ppl_dense:.6f}  ({source})")
     print(f"upcycled MoE perplexity {ppl_moe:.6f}  "
           f"({type(reloaded).__name__}, {args.experts} experts, top-{args.top_k})")
     print(f"relative difference     {record['perplexity']['relative_difference']:.2e}")
     print("top-1 share per expert (min, max over blocks):",
           f"{min(min(s) for s in loads):.3f}, {max(max(s) for s in loads):.3f}")
     if not math.isclose(ppl_moe, ppl_dense, rel_tol=1e-4):
-        raise SystemExit(f"upcycled perplexity {ppl_moe} != SmolLM2's {ppl_dense}: the MoE does not compute the MLP")
+        raise SystemExit(f"upcycled perplexity {ppl_moe} != the dense model's {ppl_dense}: the MoE does not compute the MLP")
 
 
 if __name__ == "__main__":
