@@ -155,7 +155,8 @@ def main(argv=None):
     print("top-1 share per expert (min, max over blocks):",
           f"{min(min(s) for s in loads):.3f}, {max(max(s) for s in loads):.3f}")
     if not math.isclose(ppl_moe, ppl_dense, rel_tol=1e-4):
-        raise SystemExit(f"upcycled perplexity {ppl_moe} != the dense model's {ppl_dense}: the MoE does not compute the MLP")
+        raise SystemExit(f"upcycled perplexity {ppl_moe} != the dense model's {ppl_dense}: "
+                         "the MoE does not compute the MLP")
 
 
 if __name__ == "__main__":
