@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 
 import pytest
 from synth import write_corpus
@@ -63,8 +64,14 @@ def _rows_half_zero(W) -> bool:
 
 
 def _expert_tokens(report) -> dict[tuple[int, int], int]:
-    """(block, expert) -> calibration tokens routed to it, from report.json's ``moe`` section."""
-    return {(row["block"], row["expert"]): row["tokens"] for row in report["moe"]["experts"]}
+    """(block, expert) -> calibration tokens routed to it, from report.json's linears (an expert's
+    rows, ``mlp.experts.3.gate_up_proj`` and ``mlp.experts.3.down_proj``, carry ``tokens``)."""
+    out = {}
+    for row in report["linears"]:
+        if row.get("tokens") is not None:
+            key = (row["block"], int(re.search(r"experts\.(\d+)\.", row["name"]).group(1)))
+            assert out.setdefault(key, row["tokens"]) == row["tokens"], f"{row['name']}: one expert, one count"
+    return out
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -119,6 +126,9 @@ def test_sixteen_experts_top2_on_eight_tokens_all_pruned_finite_and_reported(cor
     for block in range(2):
         assert sum(tokens[block, e] for e in range(16)) == 2 * 8
     assert min(tokens.values()) == 0
+    for row in report["linears"]:  # the stated fallback, named where it was used
+        if row.get("tokens") is not None:
+            assert bool(row.get("fallback")) == (row["tokens"] == 0), row
 
 
 def test_routed_and_all_token_grams_differ_and_all_sends_every_token(corpus, tmp_path, capsys):
