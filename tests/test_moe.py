@@ -131,7 +131,7 @@ def test_sixteen_experts_top2_on_eight_tokens_all_pruned_finite_and_reported(cor
             assert bool(row.get("fallback")) == (row["tokens"] == 0), row
 
 
-def test_routed_and_all_token_grams_differ_and_all_sends_every_token(corpus, tmp_path, capsys):
+def test_routed_and_all_token_grams_differ_and_both_report_routed_counts(corpus, tmp_path, capsys):
     ck = moe_synth.save_tiny_moe(tmp_path / "mixtral", "mixtral")
     out = {}
     for mode in ("routed", "all"):
@@ -140,8 +140,8 @@ def test_routed_and_all_token_grams_differ_and_all_sends_every_token(corpus, tmp
         out[mode] = moe_synth.expert_matrices(_load(tmp_path / mode))
         report = json.loads((tmp_path / mode / "report.json").read_text())
         assert report["config"]["moe_calibration"] == mode
-        if mode == "all":
-            assert set(_expert_tokens(report).values()) == {4 * 32}
+        tokens = _expert_tokens(report)  # what the router sent, whichever Gram was used
+        assert all(sum(n for (b, _), n in tokens.items() if b == block) == 2 * 4 * 32 for block in (0, 1))
     assert any(not torch.equal(out["routed"][k], out["all"][k]) for k in out["routed"])
 
 
