@@ -83,17 +83,23 @@ def prune_shared(Ws, XtX, sparsity, **kwargs) -> list[PruneResult]:
     return _prune_shared(list(Ws), XtX, sparsity, **kwargs)
 
 
+def _engine_method(options: SolverOptions, needs: str):
+    """The method of `options` and the settings its `prune` reads, for the engine's paths that
+    give it no Gram (`needs`: what the path hands it); no damping, no mask steps, no tracking."""
+    impl = methods.get(options.method)
+    if impl.spec.needs != needs:
+        raise AdmmPruneError(f"method {options.method} needs the inputs' {impl.spec.needs}", field="method")
+    return impl, methods.Settings(options.pattern, options.group, options.rho, 0.0, options.iters, 0, False, False,
+                                  options.alps_rho, options.alps_iters, options.alps_pcg_iters)
+
+
 @torch.no_grad()
 def prune_weights(W: torch.Tensor, sparsity: float | None, options: SolverOptions) -> PruneResult:
     """W^ = W * M for a method that reads only the weights (magnitude): no Gram, no inputs.
 
     `options` gives the method, pattern and group (validated there); W is trusted (the
     engine checked the checkpoint). The result is in W's dtype."""
-    impl = methods.get(options.method)
-    if impl.spec.needs != "weights":
-        raise AdmmPruneError(f"method {options.method} needs the inputs' {impl.spec.needs}", field="method")
-    settings = methods.Settings(options.pattern, options.group, options.rho, 0.0, options.iters, 0, False, False,
-                                options.alps_rho, options.alps_iters, options.alps_pcg_iters)
+    impl, settings = _engine_method(options, "weights")
     out = impl.prune(Problem(W, None, sparsity, options.nm, None), W.to(compute_dtype(W)), None, settings)
     return PruneResult(check_result(out.W, W.dtype), out.mask)
 
@@ -106,11 +112,7 @@ def prune_norms(Ws: list, norms: torch.Tensor, sparsity: float | None, options: 
 
     The engine's path (its twin is `prune_shared` with a diagonal XtX, which gives the same
     masks bit for bit); the Ws and norms are trusted (the engine checked them)."""
-    impl = methods.get(options.method)
-    if impl.spec.needs != "norms":
-        raise AdmmPruneError(f"method {options.method} needs the inputs' {impl.spec.needs}", field="method")
-    settings = methods.Settings(options.pattern, options.group, options.rho, 0.0, options.iters, 0, False, False,
-                                options.alps_rho, options.alps_iters, options.alps_pcg_iters)
+    impl, settings = _engine_method(options, "norms")
     results = []
     for W in Ws:
         out = impl.prune(Problem(W, norms, sparsity, options.nm, None), W.to(compute_dtype(W)), None, settings)
