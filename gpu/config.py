@@ -138,6 +138,9 @@ class ReconstructOptions(Options):
                                          "of its linear's kept weights per step; the same on any model size); "
                                          "chosen on SmolLM2-135M, paper_notes/beyond_the_paper.md")
     reconstruct_batch: int = option(8, "calibration windows per reconstruction step (per rank)")
+    reconstruct_inputs: str = option("pruned", "the inputs the reconstruction tunes a block on: the pruned "
+                                               "model's (its error so far corrected too) or the dense model's "
+                                               "(Shin et al. 2024)", choices=("pruned", "dense"))
 
     def __post_init__(self):
         super().__post_init__()
@@ -146,6 +149,9 @@ class ReconstructOptions(Options):
         lr = self.reconstruct_lr
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise PipelineError(f"reconstruct_lr must be a finite number > 0, got {lr!r}", field="reconstruct_lr")
+        if self.reconstruct_inputs not in ("pruned", "dense"):
+            raise PipelineError(f"reconstruct_inputs must be pruned or dense, got {self.reconstruct_inputs!r}",
+                                field="reconstruct_inputs")
 
 
 @dataclass(frozen=True)
@@ -230,7 +236,7 @@ class PruneConfig(EngineOptions, ReconstructOptions, SolverOptions, CalibOptions
         """A warning for each group of settings given but read by nothing in this run."""
         warn_unused(self, ("owl_m", "owl_lambda"), "only sparsity_profile owl reads {it}",
                     self.sparsity_profile == "owl")
-        warn_unused(self, ("reconstruct_lr", "reconstruct_batch"), "only reconstruct_steps > 0 reads {it}",
+        warn_unused(self, ("reconstruct_lr", "reconstruct_batch", "reconstruct_inputs"), "only reconstruct_steps > 0 reads {it}",
                     self.reconstruct_steps > 0)
         warn_unused(self, ("mask_steps",), f"method {self.method} keeps its first mask, so nothing reads {{it}}",
                     self.spec.mask_steps)
@@ -270,7 +276,8 @@ class PruneConfig(EngineOptions, ReconstructOptions, SolverOptions, CalibOptions
         defaults = {f.name: f.default for f in dataclasses.fields(self)}  # MoE fields: only when not the default
         keep += [k for k in ("moe_calibration", "moe_min_tokens") if getattr(self, k) != defaults[k]]
         if self.reconstruct_steps:
-            keep += [f.name for f in dataclasses.fields(ReconstructOptions)]
+            keep += [f.name for f in dataclasses.fields(ReconstructOptions)  # inputs: only when not the default
+                     if f.name != "reconstruct_inputs" or self.reconstruct_inputs != "pruned"]
         owl = ["owl_m", "owl_lambda"] if self.sparsity_profile == "owl" else []
         mode = {"reconstruct_lr_mode": RECONSTRUCT_LR_MODE} if self.reconstruct_steps else {}  # absolute before
         return {**{k: getattr(self, k) for k in keep + owl}, **mode}

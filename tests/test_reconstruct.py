@@ -233,3 +233,23 @@ def test_the_check_costs_a_forward_of_the_check_windows_only():
     assert rec.error_after == pytest.approx(output_error(block, x[:CHECK_WINDOWS], dense.targets[:CHECK_WINDOWS],
                                                          kwargs, "cpu", pipeline.current()), rel=1e-12)
     torch.testing.assert_close(out, run_block(block, x, kwargs, "cpu"), rtol=0, atol=0)  # the tuned block's outputs
+
+
+def test_dense_inputs_tune_block_0_alike_and_the_later_blocks_on_the_dense_stream(corpus):
+    """--reconstruct-inputs dense: the steps read D_i, the dense model's inputs. Block 0's inputs
+    are the same either way, so its tuning is bit-equal; later blocks' differ; the check and the
+    next inputs still use the pruned model's inputs, so every block's output error falls."""
+    runs = {}
+    for inputs in ("pruned", "dense"):
+        model, tok = models.tiny_model("llama", num_hidden_layers=3)
+        report = pipeline.run_prune(_cfg(corpus, reconstruct_inputs=inputs, **RECON), model=model, tokenizer=tok)
+        assert all(r["error_after"] < r["error_before"] for r in report.block_reconstruction)
+        runs[inputs] = dict(model.named_parameters())
+    for name, p in runs["pruned"].items():
+        same = torch.equal(p, runs["dense"][name])
+        if ".layers.0." in name or "_proj" not in name:
+            assert same, f"{name} differs: block 0 and the unpruned parameters cannot"
+        elif ".layers.2." in name:
+            assert not same, f"{name}: block 2 tuned on the dense stream equals the pruned-input tuning"
+    with pytest.raises(AdmmPruneError, match="reconstruct_inputs"):
+        _cfg(corpus, reconstruct_inputs="dnse", **RECON)

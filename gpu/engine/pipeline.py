@@ -108,7 +108,7 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
     if cfg.spec.needs != "weights" or cfg.reconstruct_steps:
         inps, kwargs = capture_block_inputs(source.model, dist.share(calib_ids), device, store, cfg.progress)
         outs = torch.empty_like(inps) if nblocks > 1 else None  # only forwards between pruned blocks
-        dense = DenseStream(inps, device) if cfg.reconstruct_steps else None  # its targets
+        dense = DenseStream(inps, device, cfg.reconstruct_inputs == "dense") if cfg.reconstruct_steps else None
     records, block_seconds, timers = [], [], {}
     bar = tqdm(range(source.num_blocks), desc=f"prune {cfg.method}", disable=not cfg.progress)
     with BlockWriter(staging) if staging is not None else contextlib.nullcontext() as writer:
@@ -181,7 +181,7 @@ def _reconstruct(block, i: int, recs: list[LinearRecord], inps, dense: DenseStre
     """Block i's reconstruction (its pruned linears tuned, masks fixed; its outputs into `outs`), logged."""
     rec = reconstruct_block(block, i, [r.name for r in recs], inps, dense.targets, kwargs, ctx.device,
                             steps=cfg.reconstruct_steps, lr=cfg.reconstruct_lr, batch=cfg.reconstruct_batch,
-                            seed=cfg.seed, dist=ctx.dist, out=outs)
+                            seed=cfg.seed, dist=ctx.dist, out=outs, train_inps=dense.inputs)
     if rec.reverted:
         log.info("block %d reconstruction reverted: %d steps did not lower the output error %.5f; the pruned "
                  "weights are kept (%.1f s)", i, rec.steps, rec.error_before, rec.seconds)

@@ -9,6 +9,9 @@ next: the block's output error. Here, after a block is pruned,
 
 where H_i is the pruned model's input to block i (the tuned blocks before it) and D_{i+1} the
 dense model's hidden state after block i, on the same calibration windows (`DenseStream`).
+With `--reconstruct-inputs dense` the steps read D_i instead of H_i (Shin et al. 2024: the
+block learns the dense map, not to correct the error it is handed); the check and the next
+block's inputs still use H_i.
 Adam on minibatches of windows; the pruned entries stay exactly zero (their gradients are
 masked and the weights multiplied by the mask after every step).
 
@@ -68,14 +71,18 @@ def step_scale(W: torch.Tensor) -> float:
 class DenseStream:
     """The dense model's hidden states on the calibration windows, one block ahead of time:
     `advance(block, kwargs)` runs the dense block i (with block i's keyword arguments) over
-    them in place (before it is pruned), so `targets` then holds D_{i+1}, the reconstruction's
-    targets for block i."""
+    them (before it is pruned), so `targets` then holds D_{i+1}, the reconstruction's targets
+    for block i. With `keep_inputs`, `inputs` holds D_i as well (one more buffer), for tuning on
+    the dense model's inputs (Shin et al. 2024) instead of the pruned model's."""
 
-    def __init__(self, inps: torch.Tensor, device):
+    def __init__(self, inps: torch.Tensor, device, keep_inputs: bool = False):
         self.targets, self.device = inps.clone(), device
+        self.inputs = torch.empty_like(inps) if keep_inputs else None
 
     @torch.no_grad()
     def advance(self, dense_block, kwargs: dict) -> None:
+        if self.inputs is not None:
+            self.inputs.copy_(self.targets)
         run_block(dense_block, self.targets, kwargs, self.device, self.targets)  # sample i read, then written
 
 
@@ -103,7 +110,8 @@ def output_error(block, inps: torch.Tensor, targets: torch.Tensor, kwargs: dict,
 
 def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, targets: torch.Tensor,
                       kwargs: dict, device, *, steps: int, lr: float, batch: int, seed: int,
-                      dist: Dist = Dist(), out: torch.Tensor | None = None) -> ReconstructionRecord:
+                      dist: Dist = Dist(), out: torch.Tensor | None = None,
+                      train_inps: torch.Tensor | None = None) -> ReconstructionRecord:
     """W <- W - lr s Adam(s grad W), s = step_scale(W), masks fixed: Adam on W / s.
 
     Tunes the weights `names` of `block` (pruned linears or experts' slices, on `device`) in
@@ -118,8 +126,10 @@ def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, t
     pruned weights are put back and the record says ``reverted``. The minibatches are drawn
     from ``torch.Generator`` seeded by (`seed`, `index`): the same windows every run. `out`:
     where the final block's outputs on `inps` go (the next block's inputs: the forward that
-    measures the error after the tuning makes them too)."""
+    measures the error after the tuning makes them too). `train_inps`: the inputs the steps
+    use, if not `inps` (the dense model's D_i); the check and `out` always use `inps`."""
     t0 = time.perf_counter()
+    train_inps = inps if train_inps is None else train_inps
     before = output_error(block, inps, targets, kwargs, device, dist, counted=CHECK_WINDOWS)
     dtype = next(block.parameters()).dtype
     weights, masks = _tuned(block, names)
@@ -133,7 +143,7 @@ def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, t
             opt.zero_grad(set_to_none=False)
             picks = torch.randperm(n, generator=gen)[:batch].tolist()
             for j in picks:  # one window at a time: the block's kwargs are made for batch 1
-                y = block_output(block(inps[j:j + 1].to(device).float(), **kwargs))
+                y = block_output(block(train_inps[j:j + 1].to(device).float(), **kwargs))
                 loss = (y - targets[j:j + 1].to(device).float()).square().mean() / len(picks)
                 loss.backward()
             for w, m, s in zip(weights, masks, scales):
