@@ -138,6 +138,9 @@ class ReconstructOptions(Options):
                                          "of its linear's kept weights per step; the same on any model size); "
                                          "chosen on SmolLM2-135M, paper_notes/beyond_the_paper.md")
     reconstruct_batch: int = option(8, "calibration windows per reconstruction step (per rank)")
+    reconstruct_windows: int | None = option(None, "tune on the first N calibration windows (per rank): the "
+                                                   "dense stream carries only these, so its forward and memory "
+                                                   "shrink to N of them (default: all)", metavar="N")
     reconstruct_inputs: str = option("pruned", "the inputs the reconstruction tunes a block on: the pruned "
                                                "model's (its error so far corrected too) or the dense model's "
                                                "(Shin et al. 2024)", choices=("pruned", "dense"))
@@ -146,6 +149,7 @@ class ReconstructOptions(Options):
         super().__post_init__()
         positive_int("reconstruct_steps", self.reconstruct_steps, minimum=0)
         positive_int("reconstruct_batch", self.reconstruct_batch)
+        positive_int("reconstruct_windows", self.reconstruct_windows, optional=True)
         lr = self.reconstruct_lr
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise PipelineError(f"reconstruct_lr must be a finite number > 0, got {lr!r}", field="reconstruct_lr")
@@ -236,8 +240,8 @@ class PruneConfig(EngineOptions, ReconstructOptions, SolverOptions, CalibOptions
         """A warning for each group of settings given but read by nothing in this run."""
         warn_unused(self, ("owl_m", "owl_lambda"), "only sparsity_profile owl reads {it}",
                     self.sparsity_profile == "owl")
-        warn_unused(self, ("reconstruct_lr", "reconstruct_batch", "reconstruct_inputs"), "only reconstruct_steps > 0 reads {it}",
-                    self.reconstruct_steps > 0)
+        warn_unused(self, ("reconstruct_lr", "reconstruct_batch", "reconstruct_windows", "reconstruct_inputs"),
+                    "only reconstruct_steps > 0 reads {it}", self.reconstruct_steps > 0)
         warn_unused(self, ("mask_steps",), f"method {self.method} keeps its first mask, so nothing reads {{it}}",
                     self.spec.mask_steps)
         warn_unused(self, ("polish_damp",), "only polish_iters > 0 reads {it}", self.polish_iters > 0)
@@ -276,8 +280,9 @@ class PruneConfig(EngineOptions, ReconstructOptions, SolverOptions, CalibOptions
         defaults = {f.name: f.default for f in dataclasses.fields(self)}  # MoE fields: only when not the default
         keep += [k for k in ("moe_calibration", "moe_min_tokens") if getattr(self, k) != defaults[k]]
         if self.reconstruct_steps:
-            keep += [f.name for f in dataclasses.fields(ReconstructOptions)  # inputs: only when not the default
-                     if f.name != "reconstruct_inputs" or self.reconstruct_inputs != "pruned"]
+            keep += [f.name for f in dataclasses.fields(ReconstructOptions)  # newer ones: only when not the default
+                     if getattr(self, f.name) != defaults[f.name] or f.name not in ("reconstruct_inputs",
+                                                                                     "reconstruct_windows")]
         owl = ["owl_m", "owl_lambda"] if self.sparsity_profile == "owl" else []
         mode = {"reconstruct_lr_mode": RECONSTRUCT_LR_MODE} if self.reconstruct_steps else {}  # absolute before
         return {**{k: getattr(self, k) for k in keep + owl}, **mode}

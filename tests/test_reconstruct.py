@@ -253,3 +253,19 @@ def test_dense_inputs_tune_block_0_alike_and_the_later_blocks_on_the_dense_strea
             assert not same, f"{name}: block 2 tuned on the dense stream equals the pruned-input tuning"
     with pytest.raises(AdmmPruneError, match="reconstruct_inputs"):
         _cfg(corpus, reconstruct_inputs="dnse", **RECON)
+
+
+def test_reconstruct_windows_tunes_on_the_first_n_and_all_of_them_is_the_default(corpus):
+    """--reconstruct-windows N: the dense stream carries N windows and the steps draw from them;
+    N = every window is the default bit for bit, fewer tune differently, and still lower every
+    block's output error."""
+    weights = {}
+    for n in (None, 6, 3):
+        model, tok = models.tiny_model("llama", num_hidden_layers=3)
+        report = pipeline.run_prune(_cfg(corpus, reconstruct_windows=n, **RECON), model=model, tokenizer=tok)
+        assert all(r["error_after"] < r["error_before"] for r in report.block_reconstruction)
+        weights[n] = {k: v.detach().clone() for k, v in model.named_parameters()}
+    assert all(torch.equal(v, weights[6][k]) for k, v in weights[None].items())
+    assert not all(torch.equal(v, weights[3][k]) for k, v in weights[None].items())
+    with pytest.raises(AdmmPruneError, match="reconstruct_windows"):
+        _cfg(corpus, reconstruct_windows=0, **RECON)

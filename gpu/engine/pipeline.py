@@ -108,7 +108,8 @@ def prune_model(model, calib_ids: torch.Tensor | None, cfg: PruneConfig, callbac
     if cfg.spec.needs != "weights" or cfg.reconstruct_steps:
         inps, kwargs = capture_block_inputs(source.model, dist.share(calib_ids), device, store, cfg.progress)
         outs = torch.empty_like(inps) if nblocks > 1 else None  # only forwards between pruned blocks
-        dense = DenseStream(inps, device, cfg.reconstruct_inputs == "dense") if cfg.reconstruct_steps else None
+        dense = (DenseStream(inps[:cfg.reconstruct_windows], device, cfg.reconstruct_inputs == "dense")
+                 if cfg.reconstruct_steps else None)  # the reconstruction's targets (and inputs)
     records, block_seconds, timers = [], [], {}
     bar = tqdm(range(source.num_blocks), desc=f"prune {cfg.method}", disable=not cfg.progress)
     with BlockWriter(staging) if staging is not None else contextlib.nullcontext() as writer:

@@ -90,9 +90,9 @@ class DenseStream:
 def output_error(block, inps: torch.Tensor, targets: torch.Tensor, kwargs: dict, device, dist: Dist,
                  out: torch.Tensor | None = None, counted: int | None = None) -> float:
     """sum ||block(X_j) - D_j||^2 / sum ||D_j||^2 over the first `counted` windows j (default
-    all; summed over the ranks). With `out`, every window is run and its outputs written there
-    (the next block's inputs); without, only the counted ones."""
-    counted = inps.shape[0] if counted is None else min(counted, inps.shape[0])
+    all that have a target; summed over the ranks). With `out`, every window is run and its
+    outputs written there (the next block's inputs); without, only the counted ones."""
+    counted = min(targets.shape[0] if counted is None else counted, inps.shape[0], targets.shape[0])
     num = torch.zeros((), dtype=torch.float64, device=device)
     den = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(inps.shape[0] if out is not None else counted):
@@ -116,7 +116,8 @@ def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, t
 
     Tunes the weights `names` of `block` (pruned linears or experts' slices, on `device`) in
     place through the block's own (routed) forward for `steps` Adam steps of `batch` windows
-    each (per rank), towards `targets`; `lr` is relative to each tuned parameter's scale s (its
+    each (per rank), towards `targets` (of the first targets.shape[0] windows of `inps`: the
+    steps draw from these); `lr` is relative to each tuned parameter's scale s (its
     kept entries' root mean square; a packed experts parameter has one s for its experts), so
     each weight moves by about lr x s per step.
 
@@ -129,7 +130,8 @@ def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, t
     measures the error after the tuning makes them too). `train_inps`: the inputs the steps
     use, if not `inps` (the dense model's D_i); the check and `out` always use `inps`."""
     t0 = time.perf_counter()
-    train_inps = inps if train_inps is None else train_inps
+    n = targets.shape[0]  # the windows with a target: the first n of `inps` (`--reconstruct-windows`)
+    train_inps = inps[:n] if train_inps is None else train_inps
     before = output_error(block, inps, targets, kwargs, device, dist, counted=CHECK_WINDOWS)
     dtype = next(block.parameters()).dtype
     weights, masks = _tuned(block, names)
@@ -138,7 +140,6 @@ def reconstruct_block(block, index: int, names: list[str], inps: torch.Tensor, t
     with _trainable(block, weights, dtype):  # Adam on W / s: its gradient s grad W, its step lr s in W
         opt = torch.optim.Adam([{"params": [w], "lr": lr * s} for w, s in zip(weights, scales)])
         gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        n = inps.shape[0]
         for _ in range(steps):
             opt.zero_grad(set_to_none=False)
             picks = torch.randperm(n, generator=gen)[:batch].tolist()
