@@ -269,3 +269,26 @@ def test_reconstruct_windows_tunes_on_the_first_n_and_all_of_them_is_the_default
     assert not all(torch.equal(v, weights[3][k]) for k, v in weights[None].items())
     with pytest.raises(AdmmPruneError, match="reconstruct_windows"):
         _cfg(corpus, reconstruct_windows=0, **RECON)
+
+
+def test_a_half_precision_block_is_tuned_in_float32_and_every_tensor_keeps_its_own_dtype():
+    """The tuning lifts a bfloat16 block to float32 and casts it back: each parameter and buffer
+    to the dtype it had (a float32 buffer in a bfloat16 block stays float32), not the whole block
+    to the weights' dtype."""
+    model, _ = models.tiny_model("llama", num_hidden_layers=1)
+    block = model.model.layers[0].to(torch.bfloat16)
+    block.register_buffer("kept_fp32", torch.arange(3, dtype=torch.float32) / 3)
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 64, dtype=torch.bfloat16)
+    kwargs = {"position_embeddings": tuple(t.to(torch.bfloat16) for t in model.model.rotary_emb(x, torch.arange(16)[None])),
+              "attention_mask": None}
+    dense = DenseStream(x, "cpu")
+    dense.advance(block, kwargs)
+    with torch.no_grad():
+        block.mlp.up_proj.weight.mul_(torch.rand_like(block.mlp.up_proj.weight) > 0.5)
+    dtypes = {k: v.dtype for k, v in block.state_dict().items()}
+    rec = reconstruct_block(block, 0, ["mlp.up_proj"], x, dense.targets, kwargs, "cpu", steps=3, lr=1e-2, batch=2,
+                            seed=0)
+    assert rec.error_after <= rec.error_before
+    assert {k: v.dtype for k, v in block.state_dict().items()} == dtypes
+    assert torch.equal(block.kept_fp32, torch.arange(3, dtype=torch.float32) / 3)

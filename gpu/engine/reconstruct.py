@@ -182,8 +182,12 @@ def _tuned(block, names: list[str]) -> tuple[list[torch.Tensor], list[torch.Tens
 @contextlib.contextmanager
 def _trainable(block, weights: list[torch.Tensor], dtype):
     """`weights` require gradients (and the block computes in float32) for the duration; the
-    block's other parameters are frozen; on exit everything is as it was, cast back to `dtype`."""
+    block's other parameters are frozen; on exit everything is as it was, each parameter and
+    buffer back in its own dtype (not the whole block cast to `dtype`: a float32 buffer of a
+    half-precision block stays float32)."""
     flags = [(p, p.requires_grad) for p in block.parameters()]
+    own = {(id(m), k): t.dtype for m in block.modules() for k, t in (*m._parameters.items(), *m._buffers.items())
+           if t is not None}
     for p, _ in flags:
         p.requires_grad_(False)
     if dtype != torch.float32:
@@ -197,6 +201,19 @@ def _trainable(block, weights: list[torch.Tensor], dtype):
         for w in weights:
             w.grad = None
         if dtype != torch.float32:
-            block.to(dtype)
+            _restore_dtypes(block, own)
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def _restore_dtypes(block, own: dict) -> None:
+    """Each parameter (in place: the same Parameter objects) and buffer of `block` back to the
+    dtype `own` has for it."""
+    with torch.no_grad():
+        for m in block.modules():
+            for k, p in m._parameters.items():
+                if p is not None and p.dtype != own[(id(m), k)]:
+                    p.data = p.data.to(own[(id(m), k)])
+            for k, b in m._buffers.items():
+                if b is not None and b.dtype != own[(id(m), k)]:
+                    m._buffers[k] = b.to(own[(id(m), k)])
