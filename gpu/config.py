@@ -124,20 +124,29 @@ class CalibOptions(Options):
 
 
 RECONSTRUCT_LR_MODE = "relative"  # reconstruct_lr is a fraction of each weight's scale (engine/reconstruct.py)
+# The default recipe: the methods that reconstruct unless told otherwise, and their steps. Measured on
+# admm-grad only (paper_notes/beyond_the_paper.md, seventh session); the baselines stay as published.
+RECIPE_RECONSTRUCT_STEPS = {"admm-grad": 8}
+# Reconstruction settings added after runs were first staged, with the value those runs used: the
+# resume fingerprint records one only where it differs from that value, so older folders still match.
+RECONSTRUCT_LEGACY = {"reconstruct_inputs": "pruned", "reconstruct_windows": None}
 
 
 @dataclass(frozen=True)
 class ReconstructOptions(Options):
     """Block reconstruction after pruning (`reconstruct.py`): off unless steps > 0."""
 
-    reconstruct_steps: int = option(0, "after each block is pruned, tune its kept weights (masks fixed) for N Adam "
-                                       "steps towards the dense model's block outputs (0: off, the paper's method)",
-                                    metavar="N")
+    reconstruct_steps: int | None = option(None, "after each block is pruned, tune its kept weights (masks fixed) "
+                                                 "for N Adam steps towards the dense model's block outputs; 0: "
+                                                 "off, the paper's method bit for bit (default: "
+                                                 + ", ".join(f"{n} for {m}" for m, n in RECIPE_RECONSTRUCT_STEPS.items())
+                                                 + ", the recipe of paper_notes/beyond_the_paper.md; 0 for the other methods, as published)",
+                                           metavar="N")
     reconstruct_lr: float = option(1e-2, "the block reconstruction's Adam step size, relative to each pruned "
                                          "weight's scale (each weight moves by about LR x the root mean square "
                                          "of its linear's kept weights per step; the same on any model size); "
                                          "chosen on SmolLM2-135M, paper_notes/beyond_the_paper.md")
-    reconstruct_batch: int = option(8, "calibration windows per reconstruction step (per rank)")
+    reconstruct_batch: int = option(2, "calibration windows per reconstruction step (per rank)")
     reconstruct_windows: int | None = option(None, "tune on the first N calibration windows (per rank): the "
                                                    "dense stream carries only these, so its forward and memory "
                                                    "shrink to N of them (default: all)", metavar="N")
@@ -147,6 +156,8 @@ class ReconstructOptions(Options):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.reconstruct_steps is None:  # unset: the default recipe of the run's method
+            object.__setattr__(self, "reconstruct_steps", RECIPE_RECONSTRUCT_STEPS.get(getattr(self, "method", None), 0))
         positive_int("reconstruct_steps", self.reconstruct_steps, minimum=0)
         positive_int("reconstruct_batch", self.reconstruct_batch)
         positive_int("reconstruct_windows", self.reconstruct_windows, optional=True)
@@ -280,9 +291,8 @@ class PruneConfig(EngineOptions, ReconstructOptions, SolverOptions, CalibOptions
         defaults = {f.name: f.default for f in dataclasses.fields(self)}  # MoE fields: only when not the default
         keep += [k for k in ("moe_calibration", "moe_min_tokens") if getattr(self, k) != defaults[k]]
         if self.reconstruct_steps:
-            keep += [f.name for f in dataclasses.fields(ReconstructOptions)  # newer ones: only when not the default
-                     if getattr(self, f.name) != defaults[f.name] or f.name not in ("reconstruct_inputs",
-                                                                                     "reconstruct_windows")]
+            keep += [f.name for f in dataclasses.fields(ReconstructOptions)  # newer ones: only where not as before
+                     if f.name not in RECONSTRUCT_LEGACY or getattr(self, f.name) != RECONSTRUCT_LEGACY[f.name]]
         owl = ["owl_m", "owl_lambda"] if self.sparsity_profile == "owl" else []
         mode = {"reconstruct_lr_mode": RECONSTRUCT_LR_MODE} if self.reconstruct_steps else {}  # absolute before
         return {**{k: getattr(self, k) for k in keep + owl}, **mode}

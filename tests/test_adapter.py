@@ -292,7 +292,8 @@ ck, calib, out = sys.argv[1:4]
 dist = distributed.init_from_env("cpu") if distributed.launched_by_torchrun() else distributed.current()
 try:
     pipeline.run_prune(PruneConfig(model=ck, calib=calib, eval=None, nsamples=4, seqlen=32, iters=4, mask_steps=2,
-                                   device="cpu", progress=False, out=out))
+                                   device="cpu", progress=False, out=out,
+                                   reconstruct_steps=0))  # the Grams: a reconstruction draws per-rank windows
 finally:
     distributed.finish(dist)
 """

@@ -214,11 +214,37 @@ def test_a_refused_resume_names_the_changed_flag_and_says_unset(tiny_dir, corpus
                                seqlen=16, device="cpu", progress=False, out=str(out), reconstruct_steps=2)
     with pytest.raises(pipeline.RunInterrupted):
         pipeline.run_prune(cfg, callback=interrupt)
+    argv = [a for a in _prune_argv(tiny_dir, corpus, out, "--resume", "--reconstruct-steps", "0")
+            if a not in ("--num-blocks", "1")]
+    code, _, err = _cli(argv, capsys)
+    assert code == cli.EXIT_USER_ERROR
+    assert _error_line(err) == (f"admm-prune: error: cannot --resume {tmp_path / '.out.staging'}: --reconstruct-steps "
+                                f"was 2, now unset")
+
+
+def test_a_run_staged_before_reconstruction_was_the_default_is_refused_saying_how_to_resume_it(
+        tiny_dir, corpus, tmp_path, capsys):
+    """A folder staged without reconstruction (the paper's method, the default before the recipe),
+    resumed with the defaults: refused, naming the flag that resumes it as it was."""
+    from admm_prune.gpu.engine import pipeline
+
+    out = tmp_path / "out"
+
+    def interrupt(block, name, *args):
+        if block == 1 and name == "mlp.down_proj":
+            raise KeyboardInterrupt
+
+    cfg = pipeline.PruneConfig(model=str(tiny_dir), calib=str(corpus / "calib.jsonl"), eval=None, nsamples=2,
+                               seqlen=16, device="cpu", progress=False, out=str(out), reconstruct_steps=0)
+    with pytest.raises(pipeline.RunInterrupted):
+        pipeline.run_prune(cfg, callback=interrupt)
     argv = [a for a in _prune_argv(tiny_dir, corpus, out, "--resume") if a not in ("--num-blocks", "1")]
     code, _, err = _cli(argv, capsys)
     assert code == cli.EXIT_USER_ERROR
-    assert _error_line(err) == (f"admm-prune: error: cannot --resume {tmp_path / '.out.staging'}: --reconstruct-batch "
-                                f"was 8, now unset (and 2 more: --reconstruct-lr, --reconstruct-steps)")
+    assert _error_line(err).endswith("now on by default (the default recipe); pass --reconstruct-steps=0 to continue "
+                                     "them as they were")
+    code, _, err = _cli(argv + ["--reconstruct-steps", "0"], capsys)
+    assert code == 0, err
 
 
 def test_a_staging_folder_tuned_with_the_old_absolute_step_is_refused_naming_the_flag(tiny_dir, corpus, tmp_path,

@@ -50,7 +50,7 @@ def test_layer_errors_with_magnitude_names_the_flag_that_was_given(capsys, tmp_p
 
 
 UNUSED = [
-    (["--reconstruct-lr", "0.05", "--reconstruct-batch", "2"],
+    (["--reconstruct-steps", "0", "--reconstruct-lr", "0.05", "--reconstruct-batch", "4"],
      "--reconstruct-lr and --reconstruct-batch set but unused: only --reconstruct-steps > 0 reads them"),
     (["--method", "sparsegpt", "--mask-steps", "3"],
      "--mask-steps set but unused: --method sparsegpt keeps its first mask, so nothing reads it"),

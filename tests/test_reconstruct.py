@@ -16,7 +16,7 @@ from admm_prune.gpu import cli  # noqa: E402
 from admm_prune.gpu.bench import bench  # noqa: E402
 from admm_prune.gpu.checkpoint import models  # noqa: E402
 from admm_prune.gpu.engine import pipeline  # noqa: E402
-from admm_prune.gpu.config import PruneConfig  # noqa: E402
+from admm_prune.gpu.config import RECIPE_RECONSTRUCT_STEPS, PruneConfig  # noqa: E402
 from admm_prune.gpu.engine.reconstruct import DenseStream, output_error, reconstruct_block  # noqa: E402
 from admm_prune.reference.errors import AdmmPruneError  # noqa: E402
 
@@ -150,12 +150,31 @@ def test_bench_variant_and_cli_flags(corpus, tmp_path):
     assert counts["blocks"] == model.config.num_hidden_layers and counts["lowered"] + counts["reverted"] == counts["blocks"]
     assert tuned["phase_seconds"]["reconstruct"] > 0 and counts["lr_mode"] == "relative"
     with pytest.raises(AdmmPruneError, match="reconstruct_steps"):
-        bench.BenchConfig(methods=("admm-grad+reconstruct",))
+        bench.BenchConfig(methods=("admm-grad+reconstruct",), reconstruct_steps=0)
     args = cli.build_parser().parse_args(["prune", "--reconstruct-steps", "64", "--reconstruct-lr", "1e-4"])
     assert args.reconstruct_steps == 64 and args.reconstruct_lr == 1e-4
     for bad in (dict(reconstruct_steps=-1), dict(reconstruct_lr=0.0), dict(reconstruct_batch=0)):
         with pytest.raises(AdmmPruneError, match=next(iter(bad))):
             PruneConfig(**bad)
+
+
+def test_the_default_recipe_reconstructs_admm_grad_and_leaves_the_baselines_as_published():
+    """Unset, reconstruct_steps is the recipe's for admm-grad (the default method) and 0 for every
+    other method; 0 given is 0 (the paper). The bench runs each method as published unless a
+    +reconstruct variant asks, and +reconstruct alone means the recipe's steps."""
+    recipe = RECIPE_RECONSTRUCT_STEPS["admm-grad"]
+    assert recipe > 0 and PruneConfig().reconstruct_steps == recipe
+    assert PruneConfig(method="admm-grad", reconstruct_steps=0).reconstruct_steps == 0
+    for method in ("magnitude", "wanda", "sparsegpt", "admm", "alps"):
+        assert PruneConfig(method=method).reconstruct_steps == 0, method
+    assert not PruneConfig(method="magnitude").needs_calibration  # still no calibration data
+    args = cli.build_parser().parse_args(["prune"])
+    assert args.reconstruct_steps is None
+    cfg = bench.BenchConfig(methods=("admm-grad", "admm-grad+reconstruct"))
+    runs = [cfg.run_config(*bench.parse_variant(m)[:1], 0.7, "unstructured", bench.parse_variant(m)[1])
+            for m in cfg.methods]
+    assert [r.reconstruct_steps for r in runs] == [0, recipe]
+    assert runs[1].reconstruct_batch == PruneConfig().reconstruct_batch
 
 
 def test_a_step_size_that_overshoots_keeps_the_pruned_block(corpus):

@@ -74,10 +74,12 @@ else:
 
 
 def config(method, out=None, evaluate=True):
-    # layer_errors=True: Wanda alone needs no full Gram, but this chapter compares its errors
+    # layer_errors=True: Wanda alone needs no full Gram, but this chapter compares its errors.
+    # reconstruct_steps=0: the paper's method. admm-grad's default recipe also tunes each block
+    # after pruning it (chapter 9), which would move the weights away from the solver's result.
     return PruneConfig(model=None, method=method, sparsity=0.5, calib=calib,
                        eval=evalset if evaluate else None, out=out, overwrite=True,
-                       device="cpu", progress=False, layer_errors=True, **sizes)
+                       device="cpu", progress=False, layer_errors=True, reconstruct_steps=0, **sizes)
 
 
 print(config("admm-grad"))

@@ -39,8 +39,8 @@ from .. import methods as methods_mod
 from ..checkpoint import models as models_mod
 from ..checkpoint.adapter import adapter
 from ..config import (
-    DTYPES, MIN_SEQLEN, CalibOptions, EngineOptions, ModelOptions, PipelineError, PruneConfig, ReconstructOptions,
-    positive_int, resolve_device, seed_value, warn_unused,
+    DTYPES, MIN_SEQLEN, RECIPE_RECONSTRUCT_STEPS, CalibOptions, EngineOptions, ModelOptions, PipelineError,
+    PruneConfig, ReconstructOptions, positive_int, resolve_device, seed_value, warn_unused,
 )
 from ..checkpoint.diskspace import writing
 from ..engine.distributed import current
@@ -79,9 +79,10 @@ class BenchConfig(SolverOptions, EngineOptions, ReconstructOptions, CalibOptions
                                           "once per seed; the tables give mean and std over the seeds")
     baseline_method: str | None = option(None, "a --methods entry: each run's perplexity is also given as a "
                                                "ratio to it, paired per seed (same calibration), then averaged")
-    reconstruct_steps: int = option(0, "Adam steps of the block reconstruction of the +reconstruct variants "
-                                       "(+reconstructK sets its own K); the other runs do not reconstruct",
-                                    metavar="N")
+    reconstruct_steps: int = option(RECIPE_RECONSTRUCT_STEPS["admm-grad"],
+                                    "Adam steps of the block reconstruction of the +reconstruct variants "
+                                    "(+reconstructK sets its own K); the other runs do not reconstruct: each "
+                                    "method runs as published", metavar="N")
     nsamples: int = option(64, "calibration windows")
     seqlen: int = option(512, "calibration window length in tokens")
     eval: str = option("wikitext2", "perplexity data (wikitext2, c4 or a local file)")

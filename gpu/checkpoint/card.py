@@ -101,7 +101,8 @@ def model_card(report) -> str:
         ("calibration", f"{calib.get('nsamples', 0)} windows x {cfg['seqlen']} tokens of {cfg['calib']} "
                         f"(seed {cfg['seed']}, {calib.get('mode', '-')})" if calib.get("mode") != "none"
                         else calib.get("reason", "none")),
-        ("block reconstruction", f"{cfg['reconstruct_steps']} Adam steps of {cfg['reconstruct_batch']} windows, "
+        ("block reconstruction", f"{cfg['reconstruct_steps']} Adam steps of {cfg['reconstruct_batch']} "
+                                 f"window{'s' if cfg['reconstruct_batch'] != 1 else ''}, "
                                  f"relative step size {cfg['reconstruct_lr']:g}" if cfg["reconstruct_steps"] else "off"),
         ("dtype", model.get("dtype", "-")),
     ]

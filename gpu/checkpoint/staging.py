@@ -58,6 +58,9 @@ def _change(key: str, old, new) -> str:
                 return (f"the model's {what} changed since the staged run ({', '.join(files[:3])}"
                         f"{', ...' if len(files) > 3 else ''} in {new.get('path')})")
             return f"the model's {k} was {old.get(k)!r}, now {new.get(k)!r}"
+    if key == "reconstruct_steps" and old is None:
+        return ("the staged blocks were pruned without block reconstruction, now on by default (the default "
+                "recipe); pass reconstruct_steps=0 to continue them as they were")
     if key == "reconstruct_lr_mode":  # no flag of its own: how --reconstruct-lr was read
         return ("the staged blocks were tuned with the old absolute --reconstruct-lr (now relative to each "
                 "weight's scale); rerun without resume")
@@ -155,8 +158,8 @@ class Staging:
                                 f"rerun without resume to start over") from None
         old = manifest.get("fingerprint", {})
         diff = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
-        if "reconstruct_steps" in diff:  # the step's mode is recorded only with steps: it follows them
-            diff = [k for k in diff if k != "reconstruct_lr_mode"]
+        if "reconstruct_steps" in diff:  # the other reconstruction fields are recorded only with steps:
+            diff = ["reconstruct_steps"] + [k for k in diff if not k.startswith("reconstruct_")]  # they follow
         if diff:
             k = diff[0]
             raise PipelineError(f"cannot resume {self.path}: {_change(k, old.get(k), fingerprint.get(k))}"
