@@ -32,7 +32,7 @@ def prune_command(args, sparsity: float, mode: str, seed: int, out: Path) -> lis
                "--method", args.method, "--sparsity", str(sparsity), "--moe-calibration", mode, "--seed", str(seed),
                "--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                "--eval", args.eval, "--eval-windows", str(args.eval_windows), "--eval-seqlen", str(args.eval_seqlen),
-               "--device", args.device, "--no-progress", "--out", str(out)]
+               "--device", args.device, "--no-progress", "--out", str(out), "--reconstruct-steps", "0"]
     return command + (["--num-blocks", str(args.num_blocks)] if args.num_blocks else [])
 
 

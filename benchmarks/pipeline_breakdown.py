@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         model.load_state_dict(dense)
         cfg = PruneConfig(method=method, sparsity=args.sparsity, nsamples=args.nsamples,
                           seqlen=args.seqlen, dtype=args.dtype, device=args.device, eval=None,
-                          progress=False)
+                          progress=False, reconstruct_steps=0)  # the paper's prune
         start = time.perf_counter()
         records, _ = pipeline.prune_model(model, calib, cfg)
         total = time.perf_counter() - start

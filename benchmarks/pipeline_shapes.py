@@ -68,7 +68,7 @@ def main(argv=None) -> None:
             model.load_state_dict(dense)
             cfg = PruneConfig(method=method, nsamples=args.nsamples, seqlen=args.seqlen,
                               device=str(device), dtype=args.dtype, eval=None, progress=False,
-                              offload_activations=args.offload_activations)
+                              offload_activations=args.offload_activations, reconstruct_steps=0)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)

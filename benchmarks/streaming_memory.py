@@ -84,7 +84,7 @@ def prune(ck: Path, out: Path, args, env_extra: dict) -> dict:
     cmd = [sys.executable, "-c", CLI_WITH_PEAK, "prune", "--model", str(ck), "--method", "admm-grad",
            "--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
            "--iters", str(args.iters), "--mask-steps", str(args.mask_steps), "--eval", "none",
-           "--dtype", "float32", "--device", "cpu", "--out", str(out), "--no-progress",
+           "--dtype", "float32", "--device", "cpu", "--out", str(out), "--no-progress", "--reconstruct-steps", "0",
            "--num-blocks", str(args.num_blocks) if args.num_blocks else "all"]
     env = {**os.environ, **env_extra}
     t0 = time.perf_counter()

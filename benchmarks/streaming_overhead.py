@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         return PruneConfig(model=model, method=args.method, sparsity=args.sparsity, calib=args.calib,
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval=None,
                            dtype=args.dtype, device="cpu", out=str(out), progress=False,
-                           num_blocks=args.num_blocks)
+                           num_blocks=args.num_blocks, reconstruct_steps=0)  # the paper's prune
 
     # Warm-up, untimed: the first streamed open imports accelerate, builds the tokenizer, etc.
     # (one-time costs of the process, several seconds, that would otherwise land on run 1).

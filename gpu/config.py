@@ -136,12 +136,12 @@ RECONSTRUCT_LEGACY = {"reconstruct_inputs": "pruned", "reconstruct_windows": Non
 class ReconstructOptions(Options):
     """Block reconstruction after pruning (`reconstruct.py`): off unless steps > 0."""
 
-    reconstruct_steps: int | None = option(None, "after each block is pruned, tune its kept weights (masks fixed) "
-                                                 "for N Adam steps towards the dense model's block outputs; 0: "
-                                                 "off, the paper's method bit for bit (default: "
-                                                 + ", ".join(f"{n} for {m}" for m, n in RECIPE_RECONSTRUCT_STEPS.items())
-                                                 + ", the recipe of paper_notes/beyond_the_paper.md; 0 for the other methods, as published)",
-                                           metavar="N")
+    reconstruct_steps: int | None = option(
+        None, "after each block is pruned, tune its kept weights (masks fixed) for N Adam steps towards the dense "
+              "model's block outputs; 0: off, the paper's method bit for bit (default: "
+              + ", ".join(f"{n} for {m}" for m, n in RECIPE_RECONSTRUCT_STEPS.items())
+              + ", the recipe of paper_notes/beyond_the_paper.md; 0 for the other methods, as published)",
+        metavar="N")
     reconstruct_lr: float = option(1e-2, "the block reconstruction's Adam step size, relative to each pruned "
                                          "weight's scale (each weight moves by about LR x the root mean square "
                                          "of its linear's kept weights per step; the same on any model size); "
@@ -157,7 +157,8 @@ class ReconstructOptions(Options):
     def __post_init__(self):
         super().__post_init__()
         if self.reconstruct_steps is None:  # unset: the default recipe of the run's method
-            object.__setattr__(self, "reconstruct_steps", RECIPE_RECONSTRUCT_STEPS.get(getattr(self, "method", None), 0))
+            steps = RECIPE_RECONSTRUCT_STEPS.get(getattr(self, "method", None), 0)
+            object.__setattr__(self, "reconstruct_steps", steps)
         positive_int("reconstruct_steps", self.reconstruct_steps, minimum=0)
         positive_int("reconstruct_batch", self.reconstruct_batch)
         positive_int("reconstruct_windows", self.reconstruct_windows, optional=True)
