@@ -23,7 +23,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # (CLI arguments, sha256 of the checkpoint's tensors) taken before the refactor
 CASES = {
-    "admm-grad": (["--method", "admm-grad"],
+    "admm-grad": (["--method", "admm-grad", "--reconstruct-steps", "0"],  # the paper
                   "0541d28a1886f7eb2e283b9af37751e08a7867009f1a62ce17072b5931a1bb86"),
     "admm": (["--method", "admm"],
                   "5e9857e643de04aa7132e2ee1e063a364402de8a6ffa69ee3d3f2392398af58d"),
