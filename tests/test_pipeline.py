@@ -436,6 +436,9 @@ def test_smollm2_two_blocks(tmp_path):
     assert math.isfinite(report.perplexity["pruned"])
     assert len(report.linears) == 14
     assert all(r["sparsity"] == pytest.approx(0.5, abs=1e-6) for r in report.linears)
+    recs = report.block_reconstruction  # admm-grad's default recipe ran on both blocks, never raising an error
+    assert [r["block"] for r in recs] == [0, 1] and all(r["steps"] == cfg.reconstruct_steps > 0 for r in recs)
+    assert all(r["error_after"] <= r["error_before"] for r in recs)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "smol", local_files_only=True)
     w = reloaded.model.layers[0].mlp.down_proj.weight
     assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=1e-6)
