@@ -201,21 +201,23 @@ def test_the_log_says_a_reconstruction_was_reverted(lr, said, tiny_dir, corpus, 
 
 # --- item 19: a refused resume says the settings as flags, and "unset" for None -----------------
 
-def test_a_refused_resume_names_the_changed_flag_and_says_unset(tiny_dir, corpus, tmp_path, capsys):
+def _stage_one_block(tiny_dir, corpus, out, **settings):
+    """A run of the library interrupted after block 0 is staged; the CLI's resume argv for it."""
     from admm_prune.gpu.engine import pipeline
-
-    out = tmp_path / "out"
 
     def interrupt(block, name, *args):  # block 0 staged
         if block == 1 and name == "mlp.down_proj":
             raise KeyboardInterrupt
 
     cfg = pipeline.PruneConfig(model=str(tiny_dir), calib=str(corpus / "calib.jsonl"), eval=None, nsamples=2,
-                               seqlen=16, device="cpu", progress=False, out=str(out), reconstruct_steps=2)
+                               seqlen=16, device="cpu", progress=False, out=str(out), **settings)
     with pytest.raises(pipeline.RunInterrupted):
         pipeline.run_prune(cfg, callback=interrupt)
-    argv = [a for a in _prune_argv(tiny_dir, corpus, out, "--resume", "--reconstruct-steps", "0")
-            if a not in ("--num-blocks", "1")]
+    return [a for a in _prune_argv(tiny_dir, corpus, out, "--resume") if a not in ("--num-blocks", "1")]
+
+
+def test_a_refused_resume_names_the_changed_flag_and_says_unset(tiny_dir, corpus, tmp_path, capsys):
+    argv = _stage_one_block(tiny_dir, corpus, tmp_path / "out", reconstruct_steps=2) + ["--reconstruct-steps", "0"]
     code, _, err = _cli(argv, capsys)
     assert code == cli.EXIT_USER_ERROR
     assert _error_line(err) == (f"admm-prune: error: cannot --resume {tmp_path / '.out.staging'}: --reconstruct-steps "
@@ -226,19 +228,7 @@ def test_a_run_staged_before_reconstruction_was_the_default_is_refused_saying_ho
         tiny_dir, corpus, tmp_path, capsys):
     """A folder staged without reconstruction (the paper's method, the default before the recipe),
     resumed with the defaults: refused, naming the flag that resumes it as it was."""
-    from admm_prune.gpu.engine import pipeline
-
-    out = tmp_path / "out"
-
-    def interrupt(block, name, *args):
-        if block == 1 and name == "mlp.down_proj":
-            raise KeyboardInterrupt
-
-    cfg = pipeline.PruneConfig(model=str(tiny_dir), calib=str(corpus / "calib.jsonl"), eval=None, nsamples=2,
-                               seqlen=16, device="cpu", progress=False, out=str(out), reconstruct_steps=0)
-    with pytest.raises(pipeline.RunInterrupted):
-        pipeline.run_prune(cfg, callback=interrupt)
-    argv = [a for a in _prune_argv(tiny_dir, corpus, out, "--resume") if a not in ("--num-blocks", "1")]
+    argv = _stage_one_block(tiny_dir, corpus, tmp_path / "out", reconstruct_steps=0)
     code, _, err = _cli(argv, capsys)
     assert code == cli.EXIT_USER_ERROR
     assert _error_line(err).endswith("now on by default (the default recipe); pass --reconstruct-steps=0 to continue "
@@ -253,20 +243,7 @@ def test_a_staging_folder_tuned_with_the_old_absolute_step_is_refused_naming_the
     reconstruct_lr_mode) is refused in one line that names the flag, not the internal key."""
     import json
 
-    from admm_prune.gpu.engine import pipeline
-
-    out = tmp_path / "out"
-
-    def interrupt(block, name, *args):  # block 0 staged
-        if block == 1 and name == "mlp.down_proj":
-            raise KeyboardInterrupt
-
-    argv = [a for a in _prune_argv(tiny_dir, corpus, out, "--resume") if a not in ("--num-blocks", "1")]
-    argv += ["--reconstruct-steps", "2"]
-    kwargs = dict(model=str(tiny_dir), calib=str(corpus / "calib.jsonl"), eval=None, nsamples=2, seqlen=16,
-                  device="cpu", progress=False, out=str(out), reconstruct_steps=2)
-    with pytest.raises(pipeline.RunInterrupted):
-        pipeline.run_prune(pipeline.PruneConfig(**kwargs), callback=interrupt)
+    argv = _stage_one_block(tiny_dir, corpus, tmp_path / "out", reconstruct_steps=2) + ["--reconstruct-steps", "2"]
     manifest = tmp_path / ".out.staging" / "manifest.json"
     data = json.loads(manifest.read_text())
     del data["fingerprint"]["reconstruct_lr_mode"]  # as an absolute-step run recorded it
