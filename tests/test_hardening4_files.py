@@ -228,7 +228,8 @@ def test_a_run_staged_before_reconstruction_was_the_default_is_refused_saying_ho
         tiny_dir, corpus, tmp_path, capsys):
     """A folder staged without reconstruction (the paper's method, the default before the recipe),
     resumed with the defaults: refused, naming the flag that resumes it as it was."""
-    argv = _stage_one_block(tiny_dir, corpus, tmp_path / "out", reconstruct_steps=0)
+    argv = _stage_one_block(tiny_dir, corpus, tmp_path / "out", reconstruct_steps=0, sparsity=0.7)
+    argv += ["--sparsity", "0.7"]  # where the recipe reconstructs by default
     code, _, err = _cli(argv, capsys)
     assert code == cli.EXIT_USER_ERROR
     assert _error_line(err).endswith("now on by default (the default recipe); pass --reconstruct-steps=0 to continue "

@@ -430,18 +430,18 @@ def test_smollm2_two_blocks(tmp_path):
     cfg = PruneConfig(
         model=None, method="admm-grad", calib=str(SHARED / "c4" / "c4_train_first1000_reserialized.jsonl"),
         eval=str(SHARED / "wikitext-2-raw" / "wiki.valid.raw"), nsamples=4, seqlen=128,
-        eval_windows=2, num_blocks=2, device="cpu", progress=False, out=str(tmp_path / "smol"))
+        eval_windows=2, num_blocks=2, device="cpu", progress=False, out=str(tmp_path / "smol"), sparsity=0.7)
     report = pipeline.run_prune(cfg)
     assert report.perplexity["dense"] < 100, report.perplexity  # a real LM, not noise
     assert math.isfinite(report.perplexity["pruned"])
     assert len(report.linears) == 14
-    assert all(r["sparsity"] == pytest.approx(0.5, abs=1e-6) for r in report.linears)
+    assert all(r["sparsity"] == pytest.approx(0.7, abs=2e-3) for r in report.linears)  # rounded per row
     recs = report.block_reconstruction  # admm-grad's default recipe ran on both blocks, never raising an error
     assert [r["block"] for r in recs] == [0, 1] and all(r["steps"] == cfg.reconstruct_steps > 0 for r in recs)
     assert all(r["error_after"] <= r["error_before"] for r in recs)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "smol", local_files_only=True)
     w = reloaded.model.layers[0].mlp.down_proj.weight
-    assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=1e-6)
+    assert float((w == 0).float().mean()) == pytest.approx(0.7, abs=2e-3)
 
 
 def test_cli_eval_zero_shot_offline(tiny_dir, capsys):

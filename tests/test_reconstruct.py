@@ -159,15 +159,20 @@ def test_bench_variant_and_cli_flags(corpus, tmp_path):
 
 
 def test_the_default_recipe_reconstructs_admm_grad_and_leaves_the_baselines_as_published():
-    """Unset, reconstruct_steps is the recipe's for admm-grad (the default method) and 0 for every
-    other method; 0 given is 0 (the paper). The bench runs each method as published unless a
-    +reconstruct variant asks, and +reconstruct alone means the recipe's steps."""
+    """Unset, reconstruct_steps is the recipe's for admm-grad (the default method) from 60 % and at
+    N:M, 0 below (50 %: no clear gain) and for every other method; 0 given is 0 (the paper). The
+    bench runs each method as published unless a +reconstruct variant asks, and +reconstruct
+    alone means the recipe's steps."""
     recipe = RECIPE_RECONSTRUCT_STEPS["admm-grad"]
-    assert recipe > 0 and PruneConfig().reconstruct_steps == recipe
-    assert PruneConfig(method="admm-grad", reconstruct_steps=0).reconstruct_steps == 0
+    assert recipe > 0 and PruneConfig(sparsity=0.7).reconstruct_steps == recipe
+    assert PruneConfig(sparsity=0.6).reconstruct_steps == PruneConfig(pattern="2:4", sparsity=None).reconstruct_steps
+    assert PruneConfig(sparsity=0.6).reconstruct_steps == recipe
+    assert PruneConfig().reconstruct_steps == PruneConfig(sparsity=0.59).reconstruct_steps == 0  # 50 %, the default
+    assert PruneConfig(method="admm-grad", sparsity=0.7, reconstruct_steps=0).reconstruct_steps == 0
+    assert PruneConfig(sparsity=0.5, reconstruct_steps=4).reconstruct_steps == 4
     for method in ("magnitude", "wanda", "sparsegpt", "admm", "alps"):
-        assert PruneConfig(method=method).reconstruct_steps == 0, method
-    assert not PruneConfig(method="magnitude").needs_calibration  # still no calibration data
+        assert PruneConfig(method=method, sparsity=0.7).reconstruct_steps == 0, method
+    assert not PruneConfig(method="magnitude", sparsity=0.7).needs_calibration  # still no calibration data
     args = cli.build_parser().parse_args(["prune"])
     assert args.reconstruct_steps is None
     cfg = bench.BenchConfig(methods=("admm-grad", "admm-grad+reconstruct"))

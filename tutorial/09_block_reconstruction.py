@@ -187,9 +187,9 @@ assert rec.error_after < rec.error_before
 # block's output error before and after (`block_reconstruction`). Fast mode: a tiny random
 # model; full mode: SmolLM2 at 70 %.
 #
-# This is admm-grad's default recipe: `admm-prune prune` tunes every block after pruning it
-# (8 Adam steps of 2 calibration windows each), and `--reconstruct-steps 0` gives the paper's
-# ADMM-Grad bit for bit. The other methods run as published unless `--reconstruct-steps N` asks.
+# This is admm-grad's default recipe from 60 % sparsity and at N:M: `admm-prune prune` tunes
+# every block after pruning it (8 Adam steps of 2 calibration windows each), and
+# `--reconstruct-steps 0` gives the paper's ADMM-Grad bit for bit. The other methods run as published unless `--reconstruct-steps N` asks.
 
 # %%
 
