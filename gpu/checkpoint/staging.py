@@ -158,8 +158,9 @@ class Staging:
                                 f"rerun without resume to start over") from None
         old = manifest.get("fingerprint", {})
         diff = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
-        if "reconstruct_steps" in diff:  # the other reconstruction fields are recorded only with steps:
-            diff = ["reconstruct_steps"] + [k for k in diff if not k.startswith("reconstruct_")]  # they follow
+        if "reconstruct_steps" in diff:  # the other reconstruction fields are recorded only with steps, and
+            # the steps' default follows the sparsity: they come after what was changed by hand
+            diff = [k for k in diff if not k.startswith("reconstruct_")] + ["reconstruct_steps"]
         if diff:
             k = diff[0]
             raise PipelineError(f"cannot resume {self.path}: {_change(k, old.get(k), fingerprint.get(k))}"
