@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .checks import check_int, check_positive, check_problem
+from .errors import FactorizationError
 from .masks import prune_lowest, nm_protected
 from .schedule import prune_count
 from .options import DEFAULTS
@@ -28,7 +29,12 @@ def inverse_hessian_factor(XtX: np.ndarray, damp: float) -> tuple[np.ndarray, np
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     H += damp * np.mean(np.diag(H)) * np.eye(H.shape[0])
-    Hinv = np.linalg.inv(np.linalg.cholesky(H))  # L^-1
+    try:
+        Hinv = np.linalg.inv(np.linalg.cholesky(H))  # L^-1
+    except np.linalg.LinAlgError:  # rank-deficient H with damp 0 (fewer samples than features)
+        raise FactorizationError(f"Cholesky of 'H + damp mean(diag H) I' failed with damp={damp:g}: the Gram matrix "
+                                 f"is singular (fewer calibration samples than features, or repeated "
+                                 f"features); use damp > 0") from None
     Hinv = Hinv.T @ Hinv  # H^-1
     return np.linalg.cholesky(Hinv).T, dead
 

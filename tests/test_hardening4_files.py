@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cli_cases import corpus, tiny_dir  # noqa: F401 (fixtures)
 from cli_cases import error_line as _error_line
@@ -150,6 +151,21 @@ def test_a_cholesky_that_fails_with_jitter_is_a_user_error_naming_damp(monkeypat
     with pytest.raises(AdmmPruneError, match=r"Cholesky of 'G~ \+ rho I' failed even with .* added") as error:
         cholesky(torch.eye(3, dtype=torch.float64), "G~ + rho I")
     assert error.value.field == "damp"
+
+
+def test_the_reference_sparsegpt_on_a_singular_gram_without_damping_is_a_user_error_naming_damp():
+    """Fewer samples than features and damp 0: the reference says so in one line (it raised numpy's
+    bare LinAlgError); the same Gram with the default damping prunes."""
+    from admm_prune.reference import prune_layer
+    from admm_prune.reference.errors import FactorizationError
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3, 16))
+    W = rng.normal(size=(4, 16))
+    with pytest.raises(FactorizationError, match=r"damp=0: the Gram matrix is singular") as error:
+        prune_layer(W, X.T @ X, 0.5, method="sparsegpt", damp=0.0)
+    assert error.value.field == "damp" and "\n" not in str(error.value)
+    assert np.isfinite(prune_layer(W, X.T @ X, 0.5, method="sparsegpt").W).all()
 
 
 def test_a_cholesky_that_fails_in_a_run_is_one_line_naming_the_layer(tiny_dir, corpus, tmp_path, capsys, monkeypatch):
