@@ -137,6 +137,8 @@ def recipe_steps(method: str | None, sparsity: float | None, pattern: str) -> in
     steps = RECIPE_RECONSTRUCT_STEPS.get(method, 0)
     dense_enough = pattern == "unstructured" and (sparsity is None or sparsity < RECIPE_MIN_SPARSITY)
     return 0 if dense_enough else steps
+
+
 # Reconstruction settings added after runs were first staged, with the value those runs used: the
 # resume fingerprint records one only where it differs from that value, so older folders still match.
 RECONSTRUCT_LEGACY = {"reconstruct_inputs": "pruned", "reconstruct_windows": None}

@@ -176,8 +176,8 @@ def test_the_default_recipe_reconstructs_admm_grad_and_leaves_the_baselines_as_p
     args = cli.build_parser().parse_args(["prune"])
     assert args.reconstruct_steps is None
     cfg = bench.BenchConfig(methods=("admm-grad", "admm-grad+reconstruct"))
-    runs = [cfg.run_config(*bench.parse_variant(m)[:1], 0.7, "unstructured", bench.parse_variant(m)[1])
-            for m in cfg.methods]
+    runs = [cfg.run_config(method, 0.7, "unstructured", overrides)
+            for method, overrides in map(bench.parse_variant, cfg.methods)]
     assert [r.reconstruct_steps for r in runs] == [0, recipe]
     assert runs[1].reconstruct_batch == PruneConfig().reconstruct_batch
 

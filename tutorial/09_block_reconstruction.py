@@ -189,7 +189,8 @@ assert rec.error_after < rec.error_before
 #
 # This is admm-grad's default recipe from 60 % sparsity and at N:M: `admm-prune prune` tunes
 # every block after pruning it (8 Adam steps of 2 calibration windows each), and
-# `--reconstruct-steps 0` gives the paper's ADMM-Grad bit for bit. The other methods run as published unless `--reconstruct-steps N` asks.
+# `--reconstruct-steps 0` gives the paper's ADMM-Grad bit for bit. The other methods run as
+# published unless `--reconstruct-steps N` asks.
 
 # %%
 
